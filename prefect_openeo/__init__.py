@@ -1,0 +1,54 @@
+"""prefect-openeo: run thousands of openEO batch jobs with Prefect.
+
+``MultiBackendJobManager`` is a drop-in for openeo's class. Importing this package does not import
+Prefect: the flow and tasks (``run_openeo_jobs``, ``prefect_openeo.tasks``) load it when first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from openeo.extra.job_management import (
+    CsvJobDatabase,
+    JobDatabaseInterface,
+    ParquetJobDatabase,
+    ProcessBasedJobCreator,
+)
+
+from prefect_openeo.jobdb import (
+    AtomicCsvJobDatabase,
+    AtomicParquetJobDatabase,
+    JobDatabaseError,
+    create_job_db,
+    get_job_db,
+)
+from prefect_openeo.manager import MultiBackendJobManager
+from prefect_openeo.states import Status
+
+if TYPE_CHECKING:
+    from prefect_openeo.flows import run_openeo_jobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtomicCsvJobDatabase",
+    "AtomicParquetJobDatabase",
+    "CsvJobDatabase",
+    "JobDatabaseError",
+    "JobDatabaseInterface",
+    "MultiBackendJobManager",
+    "ParquetJobDatabase",
+    "ProcessBasedJobCreator",
+    "Status",
+    "create_job_db",
+    "get_job_db",
+    "run_openeo_jobs",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "run_openeo_jobs":
+        from prefect_openeo.flows import run_openeo_jobs
+
+        return run_openeo_jobs
+    raise AttributeError(f"module 'prefect_openeo' has no attribute {name!r}")

@@ -1,0 +1,198 @@
+"""Backend access: connections, slots, and batched status sweeps.
+
+All openEO HTTP of a run goes through the connections registered with ``add_backend`` (made resilient the
+way openeo's manager does), in the calling process, so ``requests_mock``/``httpretty`` fakes see it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from openeo import Connection
+from openeo.rest import OpenEoApiError
+from openeo.rest.auth.auth import OidcBearerAuth
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
+
+_log = logging.getLogger(__name__)
+
+#: Same retry budget as openeo's ``MultiBackendJobManager`` (its module constant ``MAX_RETRIES``).
+MAX_RETRIES = 50
+#: Refresh OIDC access tokens at most this often per connection (seconds), as upstream.
+TOKEN_REFRESH_MAX_AGE = 60.0
+
+
+def make_resilient(connection: Connection) -> Connection:
+    """Retry 500/502/503/504 (and 429 with ``Retry-After``) with backoff, exactly as upstream's manager."""
+    retries = Retry(
+        total=MAX_RETRIES,
+        read=MAX_RETRIES,
+        other=MAX_RETRIES,
+        status=MAX_RETRIES,
+        backoff_factor=0.1,
+        status_forcelist=[500, 502, 503, 504],
+        allowed_methods=["HEAD", "GET", "OPTIONS", "POST"],
+    )
+    adapter = HTTPAdapter(max_retries=retries)
+    connection.session.mount("https://", adapter)
+    connection.session.mount("http://", adapter)
+    return connection
+
+
+@dataclass
+class JobReport:
+    """What a sweep learned about one job."""
+
+    status: str
+    #: The full ``GET /jobs/{id}`` document when it was fetched (carries usage and costs).
+    details: dict | None = None
+    costs: Any = None
+
+
+@dataclass
+class SweepResult:
+    """Statuses of a backend's jobs, plus what could not be learned and why."""
+
+    reports: dict[str, JobReport] = field(default_factory=dict)
+    errors: dict[str, Exception] = field(default_factory=dict)
+    listing_requests: int = 0
+    describe_requests: int = 0
+
+
+class Backend:
+    """One registered backend: a connection getter, its slot budget, and what it supports."""
+
+    def __init__(self, name: str, connection: Connection | Callable[[], Connection], parallel_jobs: int = 2):
+        if isinstance(connection, Connection):
+            fixed = connection
+            connection = lambda: fixed  # noqa: E731
+        if not callable(connection):
+            raise TypeError(
+                f"Backend {name!r}: connection must be an openeo Connection or a callable, got {connection!r}"
+            )
+        if not isinstance(parallel_jobs, int) or parallel_jobs < 0:
+            raise ValueError(f"Backend {name!r}: parallel_jobs must be a non-negative int, got {parallel_jobs!r}")
+        self.name = name
+        self.get_connection = connection
+        self.parallel_jobs = parallel_jobs
+        self._connection: Connection | None = None
+        #: None: unknown yet; False: listing failed where per-job requests worked, so it is not used.
+        self.listing_works: bool | None = None
+        self._last_token_refresh: dict[int, float] = {}
+
+    def connection(self) -> Connection:
+        """The backend's connection, created once and made resilient."""
+        if self._connection is None:
+            self._connection = make_resilient(self.get_connection())
+        return self._connection
+
+    def refresh_token(self, connection: Connection | None = None) -> None:
+        """Proactively refresh an OIDC access token, at most once per minute per connection."""
+        connection = connection or self.connection()
+        if not isinstance(connection.auth, OidcBearerAuth):
+            return
+        now = time.time()
+        if self._last_token_refresh.get(id(connection), 0) + TOKEN_REFRESH_MAX_AGE < now:
+            if connection.try_access_token_refresh():
+                self._last_token_refresh[id(connection)] = now
+            else:
+                _log.warning(f"Failed to proactively refresh bearer token for backend {self.name!r}")
+
+    def advertises_listing(self) -> bool:
+        try:
+            capabilities = self.connection().capabilities()
+            return bool(capabilities.supports_endpoint("/jobs", method="GET"))
+        except Exception:  # capabilities without an endpoints list: assume no listing
+            return False
+
+    def list_jobs(self, wanted: Iterable[str], page_size: int) -> tuple[dict[str, dict], int]:
+        """Statuses from ``GET /jobs``, following ``rel=next`` until every wanted id was seen.
+
+        Returns the listed entries by id and the number of requests made.
+        """
+        wanted = set(wanted)
+        connection = self.connection()
+        found: dict[str, dict] = {}
+        url: str | None = "/jobs"
+        params: dict | None = {"limit": page_size}
+        requests_made = 0
+        seen_urls: set[str] = set()
+        while url and not wanted.issubset(found):
+            resp = connection.get(url, params=params, expected_status=200)
+            requests_made += 1
+            doc = resp.json()
+            entries = doc.get("jobs")
+            if not isinstance(entries, list):
+                raise ValueError(f"Backend {self.name!r}: GET /jobs did not return a 'jobs' list")
+            for entry in entries:
+                if isinstance(entry, dict) and "id" in entry and "status" in entry:
+                    found[entry["id"]] = entry
+            url = next(
+                (
+                    link.get("href")
+                    for link in doc.get("links", [])
+                    if isinstance(link, dict) and link.get("rel") == "next"
+                ),
+                None,
+            )
+            if url in seen_urls:  # a backend that links to itself must not loop forever
+                break
+            if url:
+                seen_urls.add(url)
+            params = None
+        return found, requests_made
+
+    def describe(self, job_id: str) -> dict:
+        return self.connection().job(job_id).describe()
+
+
+def sweep_statuses(backend: Backend, job_ids: Iterable[str], *, details_for_terminal: bool = True) -> SweepResult:
+    """Learn the status of ``job_ids`` with as few requests as possible.
+
+    Uses the backend's job listing (one request per page) when it has one, and per-job ``GET /jobs/{id}``
+    for the jobs the listing lacks, for backends without listing, and once per job that ended (for usage).
+    Transport errors that exhausted the connection's retry budget propagate, as upstream.
+    """
+    job_ids = list(dict.fromkeys(job_ids))
+    result = SweepResult()
+    if not job_ids:
+        return result
+    listed: dict[str, dict] = {}
+    listing_failed = False
+    if backend.listing_works is not False and backend.advertises_listing():
+        try:
+            listed, result.listing_requests = backend.list_jobs(job_ids, page_size=max(100, len(job_ids) + 20))
+        except Exception as e:  # any failing listing: per-job requests decide whether the backend is reachable
+            _log.info(f"Job listing of backend {backend.name!r} failed ({e!r}): falling back to per-job requests")
+            listing_failed = True
+            result.listing_requests += 1
+    elif backend.listing_works is None:
+        backend.listing_works = False
+
+    from prefect_openeo.states import TERMINAL
+
+    per_job_ok = 0
+    for job_id in job_ids:
+        entry = listed.get(job_id)
+        if entry is not None and not (details_for_terminal and entry["status"] in TERMINAL):
+            result.reports[job_id] = JobReport(status=entry["status"], costs=entry.get("costs"))
+            continue
+        try:
+            details = backend.describe(job_id)
+            result.describe_requests += 1
+            per_job_ok += 1
+        except OpenEoApiError as e:
+            result.describe_requests += 1
+            result.errors[job_id] = e
+            continue
+        result.reports[job_id] = JobReport(status=details["status"], details=details, costs=details.get("costs"))
+    if listing_failed and per_job_ok:
+        # The listing is broken where per-job requests work: stop paying for it.
+        backend.listing_works = False
+    elif listed:
+        backend.listing_works = True
+    return result

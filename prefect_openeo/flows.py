@@ -1,0 +1,95 @@
+"""The manager loop as a Prefect flow: ``run_openeo_jobs``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import openeo
+import pandas as pd
+from openeo import Connection
+from prefect import flow, get_run_logger
+
+from prefect_openeo.manager import MultiBackendJobManager
+
+
+def load_callable(spec: str | Callable) -> Callable:
+    """A callable, or an import path ``"package.module:function"`` to one."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"start_job must be a callable or 'module:function', got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"Cannot import start_job {spec!r}: {e}") from e
+    if not callable(target):
+        raise ValueError(f"start_job {spec!r} is not callable")
+    return target
+
+
+def connect(
+    spec: Connection | str | Mapping | Callable[[], Connection],
+) -> Connection | Callable[[], Connection]:
+    """A backend given as a Connection, a callable, a URL, or ``{"url": ..., "username": ..., "password": ...}``."""
+    if isinstance(spec, Connection) or callable(spec):
+        return spec
+    if isinstance(spec, str):
+        return lambda: openeo.connect(spec)
+    if isinstance(spec, Mapping) and "url" in spec:
+
+        def make() -> Connection:
+            connection = openeo.connect(spec["url"])
+            if spec.get("username"):
+                connection.authenticate_basic(spec["username"], spec.get("password"))
+            elif spec.get("auth") == "oidc":
+                connection.authenticate_oidc()
+            return connection
+
+        return make
+    raise ValueError(f"Cannot make a backend connection from {spec!r}")
+
+
+@flow(name="run-openeo-jobs", log_prints=True, validate_parameters=False)
+def run_openeo_jobs(
+    job_db: Any,
+    backends: Mapping[str, Any],
+    start_job: Any,
+    parallel_jobs: int | Mapping[str, int] = 2,
+    poll_sleep: float = 60,
+    root_dir: str | Path = ".",
+    download_results: bool = True,
+    cancel_running_job_after: int | None = None,
+    df: pd.DataFrame | None = None,
+) -> dict:
+    """Run one openEO batch job per row of a job database, across backends, until every row ended.
+
+    :param job_db: a CSV/Parquet path or a ``JobDatabaseInterface``; resumed when it exists.
+    :param backends: backend name -> ``Connection``, URL, or ``{"url", "username", "password"}``;
+        filled in this order.
+    :param start_job: the callback that creates one row's job (a callable, ``"module:function"``,
+        or a ``ProcessBasedJobCreator``).
+    :param parallel_jobs: jobs active at once per backend (one int for all, or per backend name).
+    :param df: rows to initialize a new job database with.
+    :return: the run stats, as openeo's ``MultiBackendJobManager.run_jobs``.
+    """
+    logger = get_run_logger()
+    if not backends:
+        raise ValueError("run_openeo_jobs needs at least one backend")
+    manager = MultiBackendJobManager(
+        poll_sleep=poll_sleep,
+        root_dir=root_dir,
+        download_results=download_results,
+        cancel_running_job_after=cancel_running_job_after,
+    )
+    for name, spec in backends.items():
+        slots = parallel_jobs.get(name, 2) if isinstance(parallel_jobs, Mapping) else parallel_jobs
+        manager.add_backend(name, connection=connect(spec), parallel_jobs=slots)
+    stats = manager.run_jobs(df=df, start_job=load_callable(start_job), job_db=job_db)
+    logger.info(f"Run stats: {dict(stats)}")
+    return dict(stats)

@@ -1,0 +1,161 @@
+"""CSV and Parquet job databases that never lose what they held.
+
+openeo's ``CsvJobDatabase``/``ParquetJobDatabase`` rewrite the file in place: a crash mid-write truncates
+the job database. These subclasses keep openeo's file format and API but write aside, fsync and rename,
+and refuse to write back fewer rows than the file held.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from openeo.extra.job_management import (
+    CsvJobDatabase,
+    FullDataFrameJobDatabase,
+    JobDatabaseInterface,
+    ParquetJobDatabase,
+)
+
+from prefect_openeo.states import ALL
+
+
+class JobDatabaseError(ValueError):
+    """A job database that cannot be used as it is; the message names the file and what is wrong."""
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then fsync and rename over ``path``; ``path`` is intact if anything fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+class _AtomicMixin:
+    """Shared by the CSV and Parquet flavours: atomic persist, row-count guard, clear read errors."""
+
+    path: Path
+    _df: pd.DataFrame | None
+    _rows_read: int = 0
+
+    def _write(self, df: pd.DataFrame, tmp: Path) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read_file(self) -> pd.DataFrame:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read(self) -> pd.DataFrame:
+        try:
+            df = self._read_file()
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise JobDatabaseError(f"Job database {str(self.path)!r} cannot be read: {e}") from e
+        check_job_frame(df, source=str(self.path))
+        self._rows_read = max(self._rows_read, len(df))
+        return df
+
+    def persist(self, df: pd.DataFrame) -> None:
+        self._merge_into_df(df)  # type: ignore[attr-defined]
+        full = self.df  # type: ignore[attr-defined]
+        if len(full) < self._rows_read:
+            raise JobDatabaseError(
+                f"Refusing to write {len(full)} rows to {str(self.path)!r}, which held {self._rows_read}"
+            )
+        atomic_write(self.path, lambda tmp: self._write(full, tmp))
+        self._rows_read = len(full)
+
+
+class AtomicCsvJobDatabase(_AtomicMixin, CsvJobDatabase):
+    """openeo's ``CsvJobDatabase``, persisted atomically."""
+
+    def _read_file(self) -> pd.DataFrame:
+        return CsvJobDatabase.read(self)
+
+    def _write(self, df: pd.DataFrame, tmp: Path) -> None:
+        df.to_csv(tmp, index=False)
+
+
+class AtomicParquetJobDatabase(_AtomicMixin, ParquetJobDatabase):
+    """openeo's ``ParquetJobDatabase``, persisted atomically."""
+
+    def _read_file(self) -> pd.DataFrame:
+        return ParquetJobDatabase.read(self)
+
+    def _write(self, df: pd.DataFrame, tmp: Path) -> None:
+        df.to_parquet(tmp, index=False)
+
+
+def check_job_frame(df: pd.DataFrame, *, source: str) -> None:
+    """Raise a clear error for a frame the manager cannot work with."""
+    if "status" in df.columns:
+        statuses = df["status"]
+        unknown = sorted({str(s) for s in statuses.dropna().unique()} - set(ALL))
+        if unknown:
+            rows = [str(i) for i in df.index[statuses.isin(unknown)][:5]]
+            raise JobDatabaseError(
+                f"Job database {source!r}: column 'status' has unknown values {unknown} (rows {', '.join(rows)})"
+            )
+    if not df.index.is_unique:
+        dups = sorted({str(i) for i in df.index[df.index.duplicated()]})[:5]
+        raise JobDatabaseError(f"Job database {source!r}: duplicate index values {dups}")
+
+
+_UPGRADES = {CsvJobDatabase: AtomicCsvJobDatabase, ParquetJobDatabase: AtomicParquetJobDatabase}
+
+
+def get_job_db(path: str | Path) -> JobDatabaseInterface:
+    """Like openeo's ``get_job_db``, returning the atomic flavours (``.csv``, ``.parquet``, ``.geoparquet``)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return AtomicCsvJobDatabase(path)
+    if suffix in (".parquet", ".geoparquet"):
+        return AtomicParquetJobDatabase(path)
+    raise JobDatabaseError(f"Could not guess job database type from {str(path)!r} (use .csv or .parquet)")
+
+
+def create_job_db(path: str | Path, df: pd.DataFrame, *, on_exists: str = "error") -> JobDatabaseInterface:
+    """Like openeo's ``create_job_db``, returning the atomic flavours."""
+    job_db = get_job_db(path)
+    assert isinstance(job_db, FullDataFrameJobDatabase)
+    job_db.initialize_from_df(df=df, on_exists=on_exists)
+    return job_db
+
+
+def resolve_job_db(job_db: str | Path | JobDatabaseInterface) -> JobDatabaseInterface:
+    """Turn what ``run_jobs(job_db=...)`` accepts into a job database.
+
+    openeo's own ``CsvJobDatabase``/``ParquetJobDatabase`` objects are upgraded in place to their atomic
+    subclasses (same object, same state, same file format), so users' objects keep working unchanged.
+    """
+    if isinstance(job_db, (str, Path)):
+        return get_job_db(job_db)
+    if not isinstance(job_db, JobDatabaseInterface):
+        raise ValueError(f"Unsupported job_db {job_db!r}")
+    upgrade = _UPGRADES.get(type(job_db))
+    if upgrade is not None:
+        job_db.__class__ = upgrade
+        if getattr(job_db, "_df", None) is not None:
+            job_db._rows_read = len(job_db._df)
+    return job_db

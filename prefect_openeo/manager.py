@@ -1,0 +1,213 @@
+"""``MultiBackendJobManager``: openeo's class, rebuilt on the prefect-openeo engine.
+
+Outside a Prefect flow run, ``run_jobs`` runs the engine in-process with no Prefect API at all (Prefect
+is not even imported). Inside a flow run, each lifecycle step runs as a Prefect task with artifacts and
+per-job states in the UI.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from openeo import BatchJob, Connection
+from openeo.extra.job_management import JobDatabaseInterface
+from openeo.extra.job_management._manager import MultiBackendJobManager as _UpstreamManager
+
+from prefect_openeo.backends import Backend
+from prefect_openeo.engine import JobEngine, Observer, Steps, cancel_after
+from prefect_openeo.jobdb.files import resolve_job_db
+
+_log = logging.getLogger("prefect_openeo")
+
+_UNSET = object()
+
+
+def _start_job_default(row: pd.Series, connection: Connection, *args, **kwargs):
+    raise NotImplementedError("No 'start_job' callable provided")
+
+
+def in_flow_run() -> bool:
+    """Whether we run inside a Prefect flow run (without importing Prefect when it is not loaded)."""
+    if "prefect" not in sys.modules:
+        return False
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+class MultiBackendJobManager:
+    """Tracker for many openEO batch jobs on one or more backends; a drop-in for openeo's class.
+
+    :param poll_sleep: seconds to sleep between sweeps.
+    :param root_dir: folder for per-job results, metadata and error logs (``job_{id}/``).
+    :param download_results: download the results of finished jobs.
+    :param cancel_running_job_after: cancel jobs running longer than this (seconds).
+    """
+
+    #: Upstream's column requirements (``normalize_df``, dtypes when reading CSV).
+    _column_requirements = _UpstreamManager._column_requirements
+
+    def __init__(
+        self,
+        poll_sleep: int = 60,
+        root_dir: str | Path | None = ".",
+        *,
+        download_results: bool = True,
+        cancel_running_job_after: int | None = None,
+    ):
+        self.backends: dict[str, Backend] = {}
+        self.poll_sleep = poll_sleep
+        self._root_dir = Path(root_dir or ".")
+        self._download_results = download_results
+        self._cancel_running_job_after = cancel_after(cancel_running_job_after)
+        self._thread: threading.Thread | None = None
+        self._stop_thread = False
+        self._current_details: dict | None = None
+        #: Stats of the last (or current) run, also while ``start_job_thread`` runs.
+        self.stats: dict = collections.defaultdict(int)
+
+    # -- backends ---------------------------------------------------------------------------------
+    def add_backend(self, name: str, connection: Connection | Callable[[], Connection], parallel_jobs: int = 2) -> None:
+        """Register a backend by name with a ``Connection`` (or a callable that makes one)."""
+        self.backends[name] = Backend(name, connection, parallel_jobs)
+
+    def _get_connection(self, backend_name: str, resilient: bool = True) -> Connection:
+        """The backend's (shared, resilient) connection; also the ``connection_provider`` of ``start_job``."""
+        if backend_name not in self.backends:
+            raise ValueError(f"Backend {backend_name!r} is not registered (registered: {', '.join(self.backends)})")
+        return self.backends[backend_name].connection()
+
+    @classmethod
+    def _normalize_df(cls, df: pd.DataFrame) -> pd.DataFrame:
+        return cls._column_requirements.normalize_df(df)
+
+    # -- running ----------------------------------------------------------------------------------
+    def run_jobs(
+        self,
+        df: pd.DataFrame | None = None,
+        start_job: Callable[..., BatchJob | None] = _start_job_default,
+        job_db: str | Path | JobDatabaseInterface | None = None,
+        **kwargs,
+    ) -> dict:
+        """Run the jobs of ``job_db`` (or ``df``) until none is pending or active; returns the stats dict.
+
+        ``start_job(row, connection, connection_provider, provider)`` creates one row's batch job and
+        returns it (or None to skip the row). The manager starts created jobs itself.
+        """
+        job_db = self._prepare(df, job_db, kwargs)
+        self.stats = collections.defaultdict(int)
+        return self._engine(job_db, start_job).run()
+
+    def _prepare(self, df: pd.DataFrame | None, job_db: Any, kwargs: dict) -> JobDatabaseInterface:
+        if "output_file" in kwargs:
+            if job_db is not None:
+                raise ValueError("Only one of `output_file` and `job_db` should be provided")
+            warnings.warn(
+                "The `output_file` argument is deprecated. Use `job_db` instead.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            job_db = kwargs.pop("output_file")
+        if kwargs:
+            raise TypeError(f"Unexpected keyword arguments: {kwargs!r}")
+        if job_db is None:
+            raise ValueError("run_jobs needs a job_db (a CSV/Parquet path or a JobDatabaseInterface)")
+        job_db = resolve_job_db(job_db)
+        if job_db.exists():
+            _log.info(f"Resuming `run_jobs` from existing {job_db}")
+        elif df is not None:
+            job_db.initialize_from_df(df)
+        return job_db
+
+    def _engine(self, job_db: JobDatabaseInterface, start_job: Callable, should_stop=None) -> JobEngine:
+        steps, observer = Steps(), Observer()
+        if in_flow_run():
+            from prefect_openeo.observe import PrefectObserver
+            from prefect_openeo.tasks import prefect_steps
+
+            steps, observer = prefect_steps(), PrefectObserver(self)
+        self._active_steps = steps
+        return JobEngine(
+            manager=self,
+            job_db=job_db,
+            start_job=start_job,
+            steps=steps,
+            observer=observer,
+            stats=self.stats,
+            should_stop=should_stop or (lambda: False),
+        )
+
+    def start_job_thread(self, start_job: Callable[..., BatchJob | None], job_db: JobDatabaseInterface) -> None:
+        """Run the jobs in a background thread; returns at once. Stop it with ``stop_job_thread``."""
+        job_db = self._prepare(None, job_db, {})
+        self._stop_thread = False
+        self.stats = collections.defaultdict(int)
+        engine = self._engine(job_db, start_job, should_stop=lambda: self._stop_thread)
+
+        def run_loop() -> None:
+            try:
+                engine.run()
+            except Exception:
+                _log.exception("Job manager thread stopped with an error")
+
+        self._thread = threading.Thread(target=run_loop, name="prefect-openeo-job-manager", daemon=True)
+        self._thread.start()
+
+    def stop_job_thread(self, timeout_seconds: float | None = _UNSET) -> None:  # type: ignore[assignment]
+        """Stop the background thread (waits up to ``2 * poll_sleep`` by default); the job db is saved."""
+        if self._thread is None:
+            _log.error("No job thread to stop")
+            return
+        self._stop_thread = True
+        if timeout_seconds is _UNSET:
+            timeout_seconds = 2 * self.poll_sleep
+        self._thread.join(timeout_seconds)
+        if self._thread.is_alive():
+            _log.warning("Job thread did not stop after timeout")
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def on_job_done(self, job: BatchJob, row: pd.Series) -> None:
+        """A job finished. Default: download its results and metadata into ``get_job_dir``."""
+        if not self._download_results:
+            return
+        steps = self._active_steps or Steps()
+        backend = self.backends.get(row.get("backend_name")) if hasattr(row, "get") else None
+        if backend is not None:
+            backend.refresh_token(job.connection)
+        report = steps.download_results(job, self.get_job_dir(job.job_id), self._current_details)
+        self.stats["job download"] += 1
+        self.stats["files downloaded"] += report.assets
+
+    def on_job_error(self, job: BatchJob, row: pd.Series) -> None:
+        """A job failed. Default: save its error logs as ``job_{id}_errors.json``."""
+        steps = self._active_steps or Steps()
+        steps.fetch_error_logs(job, self.get_error_log_path(job.job_id))
+
+    def on_job_cancel(self, job: BatchJob, row: pd.Series) -> None:
+        """A job was canceled. Default: nothing."""
+
+    _active_steps: Steps | None = None
+
+    # -- paths ------------------------------------------------------------------------------------
+    def get_job_dir(self, job_id: str) -> Path:
+        """Folder for a job's results, metadata and error logs."""
+        return self._root_dir / f"job_{job_id}"
+
+    def get_error_log_path(self, job_id: str) -> Path:
+        return self.get_job_dir(job_id) / f"job_{job_id}_errors.json"
+
+    def get_job_metadata_path(self, job_id: str) -> Path:
+        return self.get_job_dir(job_id) / f"job_{job_id}.json"
+
+    def ensure_job_dir_exists(self, job_id: str) -> Path:
+        job_dir = self.get_job_dir(job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return job_dir

@@ -1,0 +1,128 @@
+"""The lifecycle actions of one batch job, as plain functions.
+
+The engine calls these directly outside a flow run; inside one, ``prefect_openeo.tasks`` wraps each of
+them in a Prefect task (retries, timeouts, a task run in the UI). Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from openeo import BatchJob
+from openeo.rest import OpenEoApiError
+from openeo.util import rfc3339
+
+from prefect_openeo.backends import Backend, SweepResult, sweep_statuses
+from prefect_openeo.downloads import DownloadReport, download_job_results
+from prefect_openeo.jobdb.files import atomic_write
+
+_log = logging.getLogger("prefect_openeo")
+
+__all__ = [
+    "CreateOutcome",
+    "StartOutcome",
+    "cancel_job",
+    "create_jobs",
+    "download_results",
+    "fetch_error_logs",
+    "start_jobs",
+    "sweep_statuses",
+    "SweepResult",
+]
+
+
+@dataclass
+class CreateOutcome:
+    """What calling the user's ``start_job`` for one row gave."""
+
+    index: object
+    job_id: str | None = None
+    skipped: bool = False
+    error: str | None = None
+    start_time: str | None = None
+
+
+@dataclass
+class StartOutcome:
+    job_id: str
+    started: bool
+    #: The backend refused for now (``ConcurrentJobLimit``): try again in a later sweep.
+    retry_later: bool = False
+    error: str | None = None
+
+
+def create_jobs(
+    start_job: Callable[..., BatchJob | None],
+    rows: pd.DataFrame,
+    backend: Backend,
+    connection_provider: Callable[[str], object],
+) -> list[CreateOutcome]:
+    """Call the user's ``start_job`` for each row, in order; one failing row does not stop the others."""
+    outcomes = []
+    connection = backend.connection()
+    for index, row in rows.iterrows():
+        outcome = CreateOutcome(index=index)
+        try:
+            _log.info(f"Starting job on backend {backend.name} for row {index}")
+            job = start_job(
+                row=row, connection_provider=connection_provider, connection=connection, provider=backend.name
+            )
+        except Exception as e:  # the user's callback: record, go on with the next row
+            _log.warning(f"start_job failed for row {index} on backend {backend.name}: {e!r}", exc_info=True)
+            outcome.error = f"start_job raised {e!r}"
+        else:
+            outcome.start_time = rfc3339.now_utc()
+            if job is None:
+                outcome.skipped = True
+            elif isinstance(job, BatchJob) and isinstance(job.job_id, str) and job.job_id:
+                outcome.job_id = job.job_id
+                _log.info(f"Job created: {job.job_id}")
+            else:
+                outcome.error = (
+                    f"start_job returned {type(job).__name__} {job!r:.80}; expected an openeo BatchJob or None"
+                )
+                _log.error(f"Row {index}: {outcome.error}")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def start_jobs(backend: Backend, job_ids: list[str]) -> list[StartOutcome]:
+    """Ask the backend to start created jobs (``POST /jobs/{id}/results``)."""
+    connection = backend.connection()
+    backend.refresh_token(connection)
+    outcomes = []
+    for job_id in job_ids:
+        try:
+            connection.job(job_id).start()
+            outcomes.append(StartOutcome(job_id, started=True))
+        except OpenEoApiError as e:
+            if e.code == "ConcurrentJobLimit":
+                _log.info(f"Backend {backend.name} refused to start {job_id} for now: {e.message}")
+                outcomes.append(StartOutcome(job_id, started=False, retry_later=True, error=str(e)))
+            else:
+                _log.error(f"Failed to start job {job_id!r}: {e!r}")
+                outcomes.append(StartOutcome(job_id, started=False, error=f"start failed: {e}"))
+    return outcomes
+
+
+def cancel_job(backend: Backend, job_id: str) -> None:
+    """Cancel a job (``DELETE /jobs/{id}/results``)."""
+    backend.connection().job(job_id).stop()
+
+
+def download_results(job: BatchJob, job_dir: Path, job_metadata: dict | None = None) -> DownloadReport:
+    """Download a finished job's results and metadata, verified and atomically."""
+    return download_job_results(job, job_dir, job_metadata=job_metadata)
+
+
+def fetch_error_logs(job: BatchJob, path: Path) -> int:
+    """Save the job's error-level logs as JSON at ``path`` (nothing written when there are none)."""
+    logs = job.logs(level="error")
+    if len(logs) > 0:
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(logs, indent=2)))
+    return len(logs)
