@@ -105,6 +105,8 @@ class JobEngine:
     observer: Observer = field(default_factory=Observer)
     stats: dict = field(default_factory=lambda: collections.defaultdict(int))
     should_stop: Callable[[], bool] = lambda: False
+    #: Whether ``should_stop`` may become true while sleeping (a background thread).
+    stoppable: bool = False
 
     def __post_init__(self) -> None:
         self._hooks: list[_PendingHook] = []
@@ -134,14 +136,19 @@ class JobEngine:
         return sum(self.job_db.count_by_status(statuses=WORK_STATUSES).values()) > 0 or bool(self._hooks)
 
     def _sleep(self) -> None:
-        """Sleep ``poll_sleep`` through ``time.sleep`` (looked up now, so patches apply), waking to stop."""
-        remaining = float(self.manager.poll_sleep)
-        while True:
-            step = min(1.0, remaining) if remaining > 0 else 0
-            time.sleep(step)
-            remaining -= step
-            if remaining <= 0 or self.should_stop():
-                break
+        """Sleep ``poll_sleep`` through ``time.sleep`` looked up now, so patches and time machines apply.
+
+        One call per loop, as upstream's ``run_jobs``; a stoppable run (``start_job_thread``) sleeps in
+        steps of at most a second so that ``stop_job_thread`` is answered quickly, as upstream's thread.
+        """
+        if self.stoppable:
+            remaining = float(self.manager.poll_sleep)
+            while remaining > 0 and not self.should_stop():
+                step = min(1.0, remaining)
+                time.sleep(step)
+                remaining -= step
+        else:
+            time.sleep(self.manager.poll_sleep)
         self.stats["sleep"] += 1
 
     def iteration(self) -> None:
@@ -201,6 +208,7 @@ class JobEngine:
         if transition.status == "running" and _blank(rows.at[index, "running_start_time"]):
             _log.warning(f"Unknown 'running_start_time' for running job {rows.at[index, 'id']}: using now.")
             set_cell(rows, index, "running_start_time", rfc3339.now_utc())
+            changed.add(index)
         if report.details is not None:
             for key in report.details.get("usage") or {}:
                 if key in BOOKKEEPING_COLUMNS:
@@ -404,7 +412,7 @@ class JobEngine:
         if not unknown.empty:
             first = unknown.index[0]
             raise ValueError(
-                f"Job database row {first!r} (status {unknown.at[first, 'status']!r}) names backend "
+                f"Job database row {first} (status {unknown.at[first, 'status']!r}) names backend "
                 f"{unknown.at[first, 'backend_name']!r}, which is not registered "
                 f"(registered: {', '.join(self.manager.backends)}); {len(unknown)} row(s) in all"
             )

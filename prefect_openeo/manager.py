@@ -143,6 +143,7 @@ class MultiBackendJobManager:
             observer=observer,
             stats=self.stats,
             should_stop=should_stop or (lambda: False),
+            stoppable=should_stop is not None,
         )
 
     def start_job_thread(self, start_job: Callable[..., BatchJob | None], job_db: JobDatabaseInterface) -> None:

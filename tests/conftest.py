@@ -1,6 +1,18 @@
-"""Load the simulator fixtures also when the package (and its pytest11 entry point) is not installed."""
+"""Shared fixtures: quiet Prefect in a temp home, the simulator plugin, a Prefect API, the job callback."""
 
-import pytest
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports Prefect: keep its home (and SQLite database) in a temp dir, and quiet.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-openeo-tests-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import openeo  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -10,3 +22,27 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if not config.pluginmanager.is_registered(pytest_plugin):
         config.pluginmanager.register(pytest_plugin, "prefect_openeo_simulator")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API (a temporary server on SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def ndvi_job(row: pd.Series, connection: openeo.Connection, **kwargs) -> openeo.BatchJob:
+    """A typical user callback: an NDVI job over the row's bbox and year."""
+    cube = connection.load_collection(
+        "SENTINEL2_L2A",
+        spatial_extent={"west": row["west"], "south": 51.0, "east": row["west"] + 0.1, "north": 51.1},
+        temporal_extent=[f"{row['year']}-01-01", f"{row['year'] + 1}-01-01"],
+        bands=["B04", "B08"],
+    )
+    return cube.ndvi(nir="B08", red="B04").create_job(title=f"tile {row.name}", out_format="GTiff")
+
+
+def tiles_df(n: int) -> pd.DataFrame:
+    return pd.DataFrame({"west": [5.0 + 0.1 * i for i in range(n)], "year": [2020 + i % 4 for i in range(n)]})

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import re
 import threading
 from pathlib import Path
@@ -102,7 +101,8 @@ def expected_result_files(job_ids) -> set[Path]:
 
 
 def files_under(root: Path) -> set[Path]:
-    return {p.relative_to(root) for p in root.glob("**/*.*")}
+    """All files (at any depth) under the given root, relative to it."""
+    return {p.relative_to(root) for p in root.glob("**/*") if p.is_file()}
 
 
 def read_job_db_file(path: Path) -> pd.DataFrame:
@@ -113,7 +113,7 @@ def read_job_db_file(path: Path) -> pd.DataFrame:
 
 
 def is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
 
 
 def assert_rfc3339(value):
@@ -224,8 +224,8 @@ def test_basic_run(job_manager, root_dir, tmp_path, sleep_mock, years_df, db_for
         (year, job_id, "finished", backend, EXPECTED_CPU, EXPECTED_COSTS)
         for year, job_id, backend in zip(YEARS, JOB_IDS, EXPECTED_PLACEMENT, strict=True)
     ]
-    for value in df["start_time"]:
-        assert_rfc3339(value)
+    for start_time, running_start_time in zip(df["start_time"], df["running_start_time"], strict=True):
+        assert assert_rfc3339(start_time) <= assert_rfc3339(running_start_time)
 
     # Results + metadata downloaded, in upstream's layout, and nothing else.
     assert files_under(root_dir) == expected_result_files(JOB_IDS)
@@ -442,6 +442,9 @@ def test_retry_error_when_max_retries_exceeded(manager_cls, httpretty_no_net, tm
     with pytest.raises(requests.exceptions.RetryError):
         manager.run_jobs(df=pd.DataFrame({"year": [2018]}), start_job=_start_existing_job, job_db=job_db_path)
 
+    # All retries were really attempted (openeo's default Connection retry policy gives up after 3).
+    job_requests = [r for r in httpretty.latest_requests() if r.path.startswith("/jobs/job-2018")]
+    assert len(job_requests) >= UPSTREAM_MAX_RETRIES + 2
     # The job db was saved before the failure, with the last known status.
     assert [(r.id, r.status, r.backend_name) for r in pd.read_csv(job_db_path).itertuples()] == [
         ("job-2018", "running", "foo"),

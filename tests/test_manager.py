@@ -1,0 +1,454 @@
+"""The drop-in MultiBackendJobManager outside any flow run, over real HTTP against the simulator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import threading
+import time
+
+import openeo
+import pandas as pd
+import pytest
+from conftest import ndvi_job, tiles_df
+
+from prefect_openeo import CsvJobDatabase, JobDatabaseError, MultiBackendJobManager, ParquetJobDatabase, create_job_db
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def manager_for(*sims, parallel_jobs=2, **kwargs) -> MultiBackendJobManager:
+    kwargs.setdefault("poll_sleep", 0.1)
+    manager = MultiBackendJobManager(**kwargs)
+    for sim in sims:
+        manager.add_backend(sim.name, connection=openeo.connect(sim.url), parallel_jobs=parallel_jobs)
+    return manager
+
+
+def max_overlap(jobs: list[dict]) -> int:
+    """Most jobs that existed un-ended at once on a backend (from the simulator's own records)."""
+    events = []
+    for job in jobs:
+        events.append((job["created_at"], 1))
+        events.append((job["ended_at"] if job["ended_at"] is not None else float("inf"), -1))
+    current = peak = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def test_runs_all_rows_to_finished_with_results_and_stats(openeo_simulator, tmp_path):
+    root = tmp_path / "root"
+    manager = manager_for(openeo_simulator, root_dir=root)
+    job_db = create_job_db(tmp_path / "jobs.csv", tiles_df(5))
+
+    stats = manager.run_jobs(job_db=job_db, start_job=ndvi_job)
+
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["finished"] * 5
+    assert df["id"].is_unique and df["id"].str.startswith("j-").all()
+    assert set(df["backend_name"]) == {"sim"}
+    assert df["cpu"].str.endswith(" cpu-seconds").all()
+    assert df["memory"].str.endswith(" mb-seconds").all()
+    assert df["duration"].str.endswith(" seconds").all()
+    assert (df["costs"] == 1.0).all()
+    assert pd.to_datetime(df["running_start_time"]).notna().all()
+    for key in ("start_job call", "job finished", "job started running", "job start", "job_queued_for_start"):
+        assert stats[key] == 5, key
+    assert stats["run_jobs loop"] > 0 and stats["sleep"] > 0 and stats["job_db persist"] > 0
+    assert stats["job download"] == 5 and stats["files downloaded"] == 5
+    # Layout as upstream: job_{id}/ holds job-results.json, job_{id}.json and the assets, nothing else.
+    for job_id in df["id"]:
+        job_dir = root / f"job_{job_id}"
+        results_doc = json.loads((job_dir / "job-results.json").read_text())
+        (asset_name, asset), *_ = results_doc["assets"].items()
+        assert sorted(p.name for p in job_dir.iterdir()) == sorted(
+            ["job-results.json", f"job_{job_id}.json", asset_name]
+        )
+        data = (job_dir / asset_name).read_bytes()
+        assert len(data) == asset["file:size"]
+        assert "1220" + hashlib.sha256(data).hexdigest() == asset["file:checksum"]
+        assert json.loads((job_dir / f"job_{job_id}.json").read_text())["status"] == "finished"
+    assert openeo_simulator.created_count() == 5
+
+
+def test_parallel_jobs_per_backend_and_registration_order(openeo_simulator_factory, tmp_path):
+    sim_a = openeo_simulator_factory("a", run_duration=0.5)
+    sim_b = openeo_simulator_factory("b", run_duration=0.5)
+    manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path, download_results=False)
+    manager.add_backend("a", connection=openeo.connect(sim_a.url), parallel_jobs=3)
+    manager.add_backend("b", connection=openeo.connect(sim_b.url), parallel_jobs=1)
+
+    manager.run_jobs(job_db=tmp_path / "jobs.parquet", df=tiles_df(10), start_job=ndvi_job)
+
+    df = pd.read_parquet(tmp_path / "jobs.parquet")
+    assert list(df["status"]) == ["finished"] * 10
+    # First fill in row order and registration order: three on "a", then one on "b".
+    assert list(df["backend_name"][:4]) == ["a", "a", "a", "b"]
+    assert max_overlap(sim_a.jobs()) == 3
+    assert max_overlap(sim_b.jobs()) == 1
+    assert sim_a.created_count() + sim_b.created_count() == 10
+    assert (df["backend_name"] == "a").sum() > (df["backend_name"] == "b").sum()
+
+
+def test_status_tracking_uses_the_job_listing(openeo_simulator, tmp_path):
+    manager = manager_for(openeo_simulator, parallel_jobs=4, root_dir=tmp_path)
+    manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(8), start_job=ndvi_job)
+
+    counts = openeo_simulator.request_counts()
+    assert counts["GET /jobs"] >= 2
+    # One GET /jobs/{id} per job, when it ended (for usage); never one per job per poll.
+    assert counts["GET /jobs/{job_id}"] == 8
+    assert counts["POST /jobs"] == 8 and counts["POST /jobs/{job_id}/results"] == 8
+
+
+def test_backend_without_listing_is_polled_per_job(openeo_simulator, tmp_path, monkeypatch):
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, download_results=False)
+    monkeypatch.setattr(type(manager.backends["sim"]), "advertises_listing", lambda self: False)
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(2), start_job=ndvi_job)
+
+    counts = openeo_simulator.request_counts()
+    assert counts.get("GET /jobs", 0) == 0
+    assert counts["GET /jobs/{job_id}"] >= 4
+    assert stats["job describe"] == counts["GET /jobs/{job_id}"]
+    assert stats["job finished"] == 2
+
+
+def test_start_job_none_raising_or_not_a_job(openeo_simulator, tmp_path):
+    def start_job(row, connection, **kwargs):
+        if row.name == 1:
+            return None
+        if row.name == 2:
+            raise RuntimeError("no data for this tile")
+        if row.name == 3:
+            return {"id": "not-a-job"}
+        return ndvi_job(row, connection)
+
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, download_results=False)
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(5), start_job=start_job)
+
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["finished", "skipped", "start_failed", "start_failed", "finished"]
+    assert "no data for this tile" in df.loc[2, "message"]
+    assert "expected an openeo BatchJob" in df.loc[3, "message"]
+    assert stats["start_job skipped"] == 1 and stats["start_job error"] == 2
+    assert openeo_simulator.created_count() == 2
+
+
+def test_failed_jobs_get_error_logs_and_the_run_ends(openeo_simulator, tmp_path):
+    openeo_simulator.config.failure_rate = 1.0
+    manager = manager_for(openeo_simulator, root_dir=tmp_path / "root")
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(3), start_job=ndvi_job)
+
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["error"] * 3
+    assert stats["job failed"] == 3 and stats.get("job finished", 0) == 0
+    for job_id in df["id"]:
+        path = manager.get_error_log_path(job_id)
+        assert path == tmp_path / "root" / f"job_{job_id}" / f"job_{job_id}_errors.json"
+        logs = json.loads(path.read_text())
+        assert logs and all(entry["level"] == "error" for entry in logs)
+        assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_cancel_running_job_after(openeo_simulator, tmp_path):
+    openeo_simulator.config.run_duration = 30
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, cancel_running_job_after=1)
+    started = time.monotonic()
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(2), start_job=ndvi_job)
+
+    assert time.monotonic() - started < 15
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["canceled", "canceled"]
+    assert stats["job cancel"] == 2 and stats["job canceled"] == 2
+    assert {job["status"] for job in openeo_simulator.jobs()} == {"canceled"}
+    assert openeo_simulator.request_counts()["DELETE /jobs/{job_id}/results"] == 2
+
+
+def test_download_results_false_writes_nothing(openeo_simulator, tmp_path):
+    root = tmp_path / "root"
+    manager = manager_for(openeo_simulator, root_dir=root, download_results=False)
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(3), start_job=ndvi_job)
+    assert stats["job finished"] == 3
+    assert not root.exists() or list(root.iterdir()) == []
+    assert openeo_simulator.request_counts().get("GET /jobs/{job_id}/results", 0) == 0
+
+
+def test_empty_job_database(openeo_simulator, tmp_path):
+    manager = manager_for(openeo_simulator, root_dir=tmp_path)
+    job_db = create_job_db(tmp_path / "jobs.csv", pd.DataFrame({"year": pd.Series([], dtype=int)}))
+    stats = manager.run_jobs(job_db=job_db, start_job=ndvi_job)
+    assert stats.get("start_job call", 0) == 0 and stats.get("run_jobs loop", 0) == 0
+    assert openeo_simulator.created_count() == 0
+
+
+def test_rerun_resumes_without_duplicates(openeo_simulator, tmp_path):
+    """Stop mid-run, rerun on the same job database: running jobs are tracked, not created again."""
+    openeo_simulator.config.run_duration = 1.0
+    db_path = tmp_path / "jobs.csv"
+    manager = manager_for(openeo_simulator, parallel_jobs=3, root_dir=tmp_path / "root")
+    manager.start_job_thread(start_job=ndvi_job, job_db=create_job_db(db_path, tiles_df(6)))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        statuses = set(pd.read_csv(db_path)["status"])
+        if statuses & {"queued", "running"}:
+            break
+        time.sleep(0.05)
+    manager.stop_job_thread(timeout_seconds=10)
+    first = pd.read_csv(db_path)
+    assert set(first["status"]) & {"queued", "running", "queued_for_start", "created"}
+    assert (first["status"] == "not_started").any()
+
+    stats = manager_for(openeo_simulator, parallel_jobs=3, root_dir=tmp_path / "root").run_jobs(
+        job_db=db_path, start_job=ndvi_job
+    )
+    final = pd.read_csv(db_path)
+    assert list(final["status"]) == ["finished"] * 6
+    assert openeo_simulator.created_count() == 6
+    assert stats["start_job call"] == (first["status"] == "not_started").sum()
+    # Jobs of the first run kept their ids.
+    tracked = first["id"].notna()
+    assert list(final.loc[tracked, "id"]) == list(first.loc[tracked, "id"])
+    assert all((tmp_path / "root" / f"job_{job_id}" / "job-results.json").exists() for job_id in final["id"])
+
+
+def test_rerun_downloads_results_missing_on_disk(openeo_simulator, tmp_path):
+    db_path = tmp_path / "jobs.csv"
+    manager_for(openeo_simulator, root_dir=tmp_path / "root", download_results=False).run_jobs(
+        job_db=db_path, df=tiles_df(2), start_job=ndvi_job
+    )
+    assert not (tmp_path / "root").exists()
+    stats = manager_for(openeo_simulator, root_dir=tmp_path / "root").run_jobs(job_db=db_path, start_job=ndvi_job)
+    assert stats["job download"] == 2 and stats.get("start_job call", 0) == 0
+    for job_id in pd.read_csv(db_path)["id"]:
+        assert (tmp_path / "root" / f"job_{job_id}" / "job-results.json").exists()
+
+
+def test_start_and_stop_job_thread(openeo_simulator, tmp_path):
+    db_path = tmp_path / "jobs.csv"
+    manager = manager_for(openeo_simulator, root_dir=tmp_path / "root")
+    manager.start_job_thread(start_job=ndvi_job, job_db=CsvJobDatabase(db_path).initialize_from_df(tiles_df(3)))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and set(pd.read_csv(db_path)["status"]) != {"finished"}:
+        time.sleep(0.1)
+    manager.stop_job_thread()
+    assert not manager._thread.is_alive()
+    assert set(pd.read_csv(db_path)["status"]) == {"finished"}
+    assert manager.stats["job finished"] == 3
+
+
+def test_stop_job_thread_stops_an_unfinished_run_quickly(openeo_simulator, tmp_path):
+    openeo_simulator.config.run_duration = 60
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, poll_sleep=5)
+    manager.start_job_thread(start_job=ndvi_job, job_db=create_job_db(tmp_path / "jobs.csv", tiles_df(2)))
+    time.sleep(0.5)
+    started = time.monotonic()
+    manager.stop_job_thread()
+    assert time.monotonic() - started < 3
+    assert not manager._thread.is_alive()
+    assert set(pd.read_csv(tmp_path / "jobs.csv")["status"]) <= {"queued", "running", "created", "queued_for_start"}
+
+
+def test_subclass_hooks(openeo_simulator, tmp_path):
+    seen = []
+
+    class MyManager(MultiBackendJobManager):
+        def on_job_done(self, job, row):
+            super().on_job_done(job, row)
+            seen.append(("done", job.job_id, row["status"], self.get_job_dir(job.job_id).exists()))
+
+        def on_job_error(self, job, row):
+            seen.append(("error", job.job_id, row["status"], None))
+
+    openeo_simulator.config.failure_rate = 0.5
+    manager = MyManager(poll_sleep=0.1, root_dir=tmp_path / "root")
+    manager.add_backend("sim", connection=openeo.connect(openeo_simulator.url), parallel_jobs=4)
+    manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(8), start_job=ndvi_job)
+
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    expected = sorted(
+        ("done" if s == "finished" else "error", i, s, True if s == "finished" else None)
+        for i, s in zip(df["id"], df["status"], strict=True)
+    )
+    assert sorted(seen) == expected
+    assert {"done", "error"} == {kind for kind, *_ in seen}
+
+
+def test_failing_hook_is_retried_then_recorded(openeo_simulator, tmp_path):
+    calls = []
+
+    class Flaky(MultiBackendJobManager):
+        def on_job_done(self, job, row):
+            calls.append(job.job_id)
+            raise OSError("disk full")
+
+    manager = Flaky(poll_sleep=0.05, root_dir=tmp_path)
+    manager.add_backend("sim", connection=openeo.connect(openeo_simulator.url))
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(1), start_job=ndvi_job)
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert df.loc[0, "status"] == "finished"
+    assert len(calls) == 3 and stats["on_job_done error"] == 3
+    assert "disk full" in df.loc[0, "message"]
+
+
+def test_pinned_rows_and_unknown_backend(openeo_simulator_factory, tmp_path):
+    sim_a, sim_b = openeo_simulator_factory("a"), openeo_simulator_factory("b")
+    df = tiles_df(4)
+    df["backend_name"] = [None, "b", "b", None]
+    manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path, download_results=False)
+    manager.add_backend("a", connection=openeo.connect(sim_a.url), parallel_jobs=4)
+    manager.add_backend("b", connection=openeo.connect(sim_b.url), parallel_jobs=4)
+    manager.run_jobs(job_db=tmp_path / "jobs.csv", df=df, start_job=ndvi_job)
+    out = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(out["backend_name"]) == ["a", "b", "b", "a"]
+    assert sim_b.created_count() == 2
+
+    bad = tiles_df(2)
+    bad["backend_name"] = [None, "nowhere"]
+    before = None
+    path = tmp_path / "bad.csv"
+    create_job_db(path, bad)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"row 1 .*'nowhere', which is not registered"):
+        manager.run_jobs(job_db=path, start_job=ndvi_job)
+    assert path.read_bytes() == before
+
+
+def test_vanished_job_is_marked_and_the_run_goes_on(openeo_simulator, tmp_path):
+    openeo_simulator.config.run_duration = 2.0
+    db_path = tmp_path / "jobs.csv"
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, download_results=False)
+    deleted = []
+
+    def start_job(row, connection, **kwargs):
+        job = ndvi_job(row, connection)
+        if row.name == 0:
+            threading.Timer(0.5, lambda: (openeo_simulator.delete_job(job.job_id), deleted.append(job.job_id))).start()
+        return job
+
+    manager.run_jobs(job_db=db_path, df=tiles_df(2), start_job=start_job)
+    df = pd.read_csv(db_path)
+    assert deleted
+    assert list(df["status"]) == ["error", "finished"]
+    assert "not found" in df.loc[0, "message"]
+
+
+def test_429_and_transient_outage_are_survived(openeo_simulator, tmp_path):
+    openeo_simulator.config.rate_429 = 0.2
+    openeo_simulator.config.retry_after = 0
+    manager = manager_for(openeo_simulator, parallel_jobs=3, root_dir=tmp_path)
+    manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(6), start_job=ndvi_job)
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["finished"] * 6
+    assert openeo_simulator.created_count() == 6
+
+
+def test_process_based_job_creator(openeo_simulator, tmp_path):
+    """openeo's ProcessBasedJobCreator as start_job, with the UDP served over real HTTP."""
+    import http.server
+    import socketserver
+
+    from openeo.extra.job_management.process_based import ProcessBasedJobCreator
+
+    udp = {
+        "id": "ndvi_tile",
+        "parameters": [
+            {"name": "west", "description": "west", "schema": {"type": "number"}},
+            {"name": "year", "description": "year", "schema": {"type": "integer"}},
+            {
+                "name": "bands",
+                "description": "bands",
+                "schema": {"type": "array"},
+                "default": ["B04"],
+                "optional": True,
+            },
+        ],
+        "process_graph": {
+            "n": {"process_id": "constant", "arguments": {"x": {"from_parameter": "west"}}, "result": True}
+        },
+    }
+    body = json.dumps(udp).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        namespace = f"http://127.0.0.1:{server.server_address[1]}/ndvi_tile.json"
+        creator = ProcessBasedJobCreator(process_id="ndvi_tile", namespace=namespace)
+        manager = manager_for(openeo_simulator, root_dir=tmp_path, download_results=False)
+        manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(3), start_job=creator)
+        server.shutdown()
+
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["finished"] * 3
+    for job_id, west, year in zip(df["id"], df["west"], df["year"], strict=True):
+        (node,) = openeo_simulator.job(job_id)["process"]["process_graph"].values()
+        assert node["namespace"] == namespace
+        assert node["arguments"]["west"] == pytest.approx(west)
+        assert node["arguments"]["year"] == year
+
+
+def test_logs_histogram_each_loop(openeo_simulator, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, download_results=False)
+    manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(2), start_job=ndvi_job)
+    assert any("Job status histogram: {'finished': 2}. Run stats:" in record.getMessage() for record in caplog.records)
+
+
+def test_outside_a_flow_prefect_is_not_imported(openeo_simulator, tmp_path):
+    """Notebooks and existing suites: no Prefect import, no API, instant start."""
+    import subprocess
+
+    script = f"""
+import sys, openeo, pandas as pd
+from prefect_openeo import MultiBackendJobManager
+m = MultiBackendJobManager(poll_sleep=0.05, root_dir={str(tmp_path)!r}, download_results=False)
+m.add_backend("sim", connection=openeo.connect({openeo_simulator.url!r}))
+def start_job(row, connection, **kw):
+    return connection.create_job({{"n": {{"process_id": "constant", "arguments": {{"x": 1}}, "result": True}}}})
+stats = m.run_jobs(job_db={str(tmp_path / "jobs.csv")!r}, df=pd.DataFrame({{"x": [1, 2]}}), start_job=start_job)
+assert stats["job finished"] == 2, dict(stats)
+print("prefect imported:", "prefect" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "prefect imported: False" in out.stdout
+
+
+@pytest.mark.parametrize("db_class", [CsvJobDatabase, ParquetJobDatabase])
+def test_openeo_job_database_objects_work_and_persist_atomically(openeo_simulator, tmp_path, db_class):
+    path = tmp_path / ("jobs.csv" if db_class is CsvJobDatabase else "jobs.parquet")
+    job_db = db_class(path).initialize_from_df(tiles_df(2))
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, download_results=False)
+    manager.run_jobs(job_db=job_db, start_job=ndvi_job)
+    assert isinstance(job_db, db_class)
+    assert set(job_db.read()["status"]) == {"finished"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_malformed_job_database_is_a_clear_error_and_left_untouched(openeo_simulator, tmp_path):
+    manager = manager_for(openeo_simulator, root_dir=tmp_path)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(JobDatabaseError, match="empty.csv"):
+        manager.run_jobs(job_db=empty, start_job=ndvi_job)
+    assert empty.read_text() == ""
+
+    weird = tmp_path / "weird.csv"
+    weird.write_text("year,status\n2020,not_started\n2021,halfway\n")
+    with pytest.raises(JobDatabaseError, match=r"weird.csv.*unknown values \['halfway'\].*rows 1"):
+        manager.run_jobs(job_db=weird, start_job=ndvi_job)
+    assert weird.read_text() == "year,status\n2020,not_started\n2021,halfway\n"
+    assert openeo_simulator.created_count() == 0
