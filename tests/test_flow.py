@@ -1,0 +1,150 @@
+"""The manager loop as a Prefect flow, on a real Prefect API, against the simulator."""
+
+from __future__ import annotations
+
+import collections
+
+import openeo
+import pandas as pd
+import pytest
+from conftest import ndvi_job, tiles_df
+
+from prefect_openeo import MultiBackendJobManager, create_job_db
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("prefect_api")]
+
+
+def flow_run_records(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return task_runs, artifacts
+
+
+def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_factory, tmp_path):
+    from prefect_openeo.flows import run_openeo_jobs
+
+    sim_a = openeo_simulator_factory("a", failure_rate=0.3, seed=7)
+    sim_b = openeo_simulator_factory("b", failure_rate=0.3, seed=7)
+    state = run_openeo_jobs(
+        job_db=str(tmp_path / "jobs.csv"),
+        backends={"a": sim_a.url, "b": {"url": sim_b.url, "username": "user", "password": "password"}},
+        start_job=ndvi_job,
+        parallel_jobs={"a": 3, "b": 2},
+        poll_sleep=0.2,
+        root_dir=str(tmp_path / "results"),
+        df=tiles_df(10),
+        return_state=True,
+    )
+    assert state.is_completed(), state
+    stats = state.result()
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert set(df["status"]) <= {"finished", "error"} and len(df) == 10
+    assert stats["job finished"] == (df["status"] == "finished").sum()
+    assert stats["job failed"] == (df["status"] == "error").sum() > 0
+
+    task_runs, artifacts = flow_run_records(state.state_details.flow_run_id)
+    # One task run per job whose state follows the backend job.
+    mirrors = {t.name: t for t in task_runs if t.name.startswith("row ")}
+    assert len(mirrors) == 10
+    for index, row in df.iterrows():
+        run = mirrors[f"row {index} @ {row['backend_name']} ({row['id']})"]
+        assert run.state.name == {"finished": "Finished", "error": "Error"}[row["status"]]
+        assert run.state.is_completed() if row["status"] == "finished" else run.state.is_failed()
+    # Task runs per job stay small and bounded: mirror, download or error logs; batched create/start.
+    kinds = collections.Counter(t.name.split(" ")[0] for t in task_runs)
+    assert kinds["download"] == (df["status"] == "finished").sum()
+    assert kinds["error"] == (df["status"] == "error").sum()
+    per_job = (len(task_runs) - kinds["sweep"]) / len(df)
+    assert per_job <= 4, kinds
+    assert kinds["sweep"] <= 2 * (stats["run_jobs loop"] + stats["job launch"])
+    assert all(t.state.is_final() for t in task_runs)
+
+    by_type = collections.defaultdict(list)
+    for artifact in artifacts:
+        by_type[artifact.type].append(artifact)
+    assert by_type["progress"] and by_type["progress"][-1].data == 100.0
+    tables = by_type["table"]
+    assert tables and any("finished" in str(t.data) for t in tables)
+    (summary,) = by_type["markdown"]
+    assert "# openEO job run" in summary.data
+    for job_id in df.loc[df["status"] == "finished", "id"]:
+        assert (tmp_path / "results" / f"job_{job_id}").as_uri() in summary.data
+
+
+def test_dropin_manager_inside_a_user_flow_runs_steps_as_tasks(openeo_simulator, tmp_path):
+    from prefect import flow
+
+    @flow
+    def my_flow() -> dict:
+        manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path)
+        manager.add_backend("sim", connection=openeo.connect(openeo_simulator.url), parallel_jobs=2)
+        return dict(manager.run_jobs(job_db=tmp_path / "jobs.parquet", df=tiles_df(3), start_job=ndvi_job))
+
+    state = my_flow(return_state=True)
+    assert state.is_completed()
+    assert state.result()["job finished"] == 3
+    task_runs, _ = flow_run_records(state.state_details.flow_run_id)
+    names = {t.name.split(" ")[0] for t in task_runs}
+    assert {"create", "sweep", "start", "download", "row"} <= names
+
+
+def test_flow_fails_when_the_run_itself_fails_and_keeps_the_job_db(openeo_simulator, tmp_path):
+    from prefect_openeo.flows import run_openeo_jobs
+
+    df = tiles_df(2)
+    df["backend_name"] = ["sim", "elsewhere"]
+    path = tmp_path / "jobs.csv"
+    create_job_db(path, df)
+    before = path.read_bytes()
+    state = run_openeo_jobs(
+        job_db=str(path), backends={"sim": openeo_simulator.url}, start_job=ndvi_job, poll_sleep=0.1, return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="elsewhere"):
+        state.result()
+    assert path.read_bytes() == before
+    assert openeo_simulator.created_count() == 0
+
+
+def test_flow_takes_start_job_as_import_path(openeo_simulator, tmp_path):
+    from prefect_openeo.demo import demo_tiles
+    from prefect_openeo.flows import run_openeo_jobs
+
+    stats = run_openeo_jobs(
+        job_db=str(tmp_path / "jobs.parquet"),
+        backends={"sim": openeo_simulator.url},
+        start_job="prefect_openeo.demo:create_ndvi_job",
+        poll_sleep=0.1,
+        root_dir=str(tmp_path),
+        download_results=False,
+        df=demo_tiles(3),
+    )
+    assert stats["job finished"] == 3
+    titles = sorted(job["title"] for job in openeo_simulator.jobs())
+    assert titles == ["NDVI t000 2024", "NDVI t001 2024", "NDVI t002 2024"]
+
+
+def test_bad_start_job_import_path_fails_clearly(openeo_simulator, tmp_path):
+    from prefect_openeo.flows import run_openeo_jobs
+
+    state = run_openeo_jobs(
+        job_db=str(tmp_path / "jobs.csv"),
+        backends={"sim": openeo_simulator.url},
+        start_job="no_such_module:make_job",
+        df=tiles_df(1),
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="Cannot import start_job 'no_such_module:make_job'"):
+        state.result()
