@@ -6,12 +6,18 @@ way openeo's manager does), in the calling process, so ``requests_mock``/``httpr
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import re
+import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import requests
 from openeo import Connection
 from openeo.rest import OpenEoApiError
 from openeo.rest.auth.auth import OidcBearerAuth
@@ -24,6 +30,61 @@ _log = logging.getLogger(__name__)
 MAX_RETRIES = 50
 #: Refresh OIDC access tokens at most this often per connection (seconds), as upstream.
 TOKEN_REFRESH_MAX_AGE = 60.0
+#: How long a backend that answered ``ConcurrentJobLimit`` keeps its lowered slot budget (seconds).
+LIMIT_BACKOFF_SECONDS = 300.0
+#: Pages of ``GET /jobs`` read at most when looking for jobs a crashed run created.
+MAX_RECONCILE_PAGES = 100
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be used as configured (unreachable at connect, not an openEO API, ...)."""
+
+
+#: The marker added to the title of each job the manager creates, so a rerun can find it after a crash.
+TOKEN_PREFIX = "poj-"
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def creation_token(token: str | None):
+    """While active, ``POST /jobs`` requests of this thread carry ``token`` at the end of the job title."""
+    previous = getattr(_local, "token", None)
+    _local.token = token
+    try:
+        yield
+    finally:
+        _local.token = previous
+
+
+def tag_title(title: str | None, token: str) -> str:
+    return f"{title} [{token}]" if title else f"[{token}]"
+
+
+def find_token(title: str | None) -> str | None:
+    """The creation token in a job title, if any."""
+    if not title:
+        return None
+    match = _TOKEN_RE.search(title)
+    return match.group(1) if match else None
+
+
+_TOKEN_RE = re.compile(r"\[(" + TOKEN_PREFIX + r"[0-9a-f]{12})\]\s*$")
+
+
+class ManagerAdapter(HTTPAdapter):
+    """upstream's retrying adapter, which also tags job creations with the current creation token."""
+
+    def send(self, request: requests.PreparedRequest, *args, **kwargs) -> requests.Response:
+        token = getattr(_local, "token", None)
+        if token and request.method == "POST" and urllib.parse.urlsplit(request.url).path.rstrip("/").endswith("/jobs"):
+            try:
+                body = json.loads(request.body or b"{}")
+            except ValueError:
+                body = None
+            if isinstance(body, dict):
+                body["title"] = tag_title(body.get("title"), token)
+                request.prepare_body(data=None, files=None, json=body)
+        return super().send(request, *args, **kwargs)
 
 
 def make_resilient(connection: Connection) -> Connection:
@@ -37,7 +98,7 @@ def make_resilient(connection: Connection) -> Connection:
         status_forcelist=[500, 502, 503, 504],
         allowed_methods=["HEAD", "GET", "OPTIONS", "POST"],
     )
-    adapter = HTTPAdapter(max_retries=retries)
+    adapter = ManagerAdapter(max_retries=retries)
     connection.session.mount("https://", adapter)
     connection.session.mount("http://", adapter)
     return connection
@@ -83,12 +144,39 @@ class Backend:
         #: None: unknown yet; False: listing failed where per-job requests worked, so it is not used.
         self.listing_works: bool | None = None
         self._last_token_refresh: dict[int, float] = {}
+        #: While the backend answers ``ConcurrentJobLimit``: its lowered slot budget, and until when.
+        self._limited_slots: int | None = None
+        self._limited_until = 0.0
 
     def connection(self) -> Connection:
         """The backend's connection, created once and made resilient."""
         if self._connection is None:
-            self._connection = make_resilient(self.get_connection())
+            try:
+                connection = self.get_connection()
+            except Exception as e:
+                raise BackendError(f"Backend {self.name!r}: cannot connect: {e}") from e
+            if not isinstance(connection, Connection):
+                raise BackendError(f"Backend {self.name!r}: the connection getter returned {connection!r}")
+            self._connection = make_resilient(connection)
         return self._connection
+
+    def limit(self) -> int | None:
+        """While the backend refuses more jobs (``ConcurrentJobLimit``): how many it takes; else None."""
+        if self._limited_slots is not None and time.time() < self._limited_until:
+            return self._limited_slots
+        self._limited_slots = None
+        return None
+
+    def slots(self) -> int:
+        """Jobs this backend may have active now: ``parallel_jobs``, lowered while it refuses more."""
+        limit = self.limit()
+        return self.parallel_jobs if limit is None else min(self.parallel_jobs, limit)
+
+    def refuse_more(self, active: int, seconds: float = LIMIT_BACKOFF_SECONDS) -> None:
+        """The backend said ``ConcurrentJobLimit`` with ``active`` jobs: use no more than that for a while."""
+        self._limited_slots = max(1, active)
+        self._limited_until = time.time() + seconds
+        _log.info(f"Backend {self.name!r} refuses more jobs: at most {self._limited_slots} for {seconds:.0f} s")
 
     def refresh_token(self, connection: Connection | None = None) -> None:
         """Proactively refresh an OIDC access token, at most once per minute per connection."""
@@ -109,19 +197,22 @@ class Backend:
         except Exception:  # capabilities without an endpoints list: assume no listing
             return False
 
-    def list_jobs(self, wanted: Iterable[str], page_size: int) -> tuple[dict[str, dict], int]:
-        """Statuses from ``GET /jobs``, following ``rel=next`` until every wanted id was seen.
+    def list_jobs(
+        self, wanted: Iterable[str], page_size: int, *, key: Callable[[dict], Any] = lambda e: e["id"], max_pages=None
+    ) -> tuple[dict[Any, dict], int]:
+        """Entries of ``GET /jobs`` (newest first with ``limit``), following ``rel=next`` until every wanted
+        key (by default the job id) was seen, the listing ends, or ``max_pages`` were read.
 
-        Returns the listed entries by id and the number of requests made.
+        Returns the listed entries by key and the number of requests made.
         """
         wanted = set(wanted)
         connection = self.connection()
-        found: dict[str, dict] = {}
+        found: dict[Any, dict] = {}
         url: str | None = "/jobs"
         params: dict | None = {"limit": page_size}
         requests_made = 0
         seen_urls: set[str] = set()
-        while url and not wanted.issubset(found):
+        while url and not wanted.issubset(found) and (max_pages is None or requests_made < max_pages):
             resp = connection.get(url, params=params, expected_status=200)
             requests_made += 1
             doc = resp.json()
@@ -130,7 +221,7 @@ class Backend:
                 raise ValueError(f"Backend {self.name!r}: GET /jobs did not return a 'jobs' list")
             for entry in entries:
                 if isinstance(entry, dict) and "id" in entry and "status" in entry:
-                    found[entry["id"]] = entry
+                    found[key(entry)] = entry
             url = next(
                 (
                     link.get("href")
@@ -148,6 +239,16 @@ class Backend:
 
     def describe(self, job_id: str) -> dict:
         return self.connection().job(job_id).describe()
+
+    def find_created(self, tokens: Iterable[str]) -> dict[str, dict]:
+        """Jobs on the backend whose title carries one of ``tokens`` (created by a run that crashed)."""
+        tokens = set(tokens)
+        if not tokens or not self.advertises_listing():
+            return {}
+        found, _ = self.list_jobs(
+            tokens, page_size=100, key=lambda e: find_token(e.get("title")), max_pages=MAX_RECONCILE_PAGES
+        )
+        return {token: entry for token, entry in found.items() if token in tokens}
 
 
 def sweep_statuses(backend: Backend, job_ids: Iterable[str], *, details_for_terminal: bool = True) -> SweepResult:

@@ -42,33 +42,47 @@ def _asset_filename(key: str) -> str:
 
 
 def download_asset(job: BatchJob, href: str, target: Path, asset: dict) -> int:
-    """Stream one asset into ``target`` via a temporary file; verify; rename. Returns the size."""
+    """Stream one asset into ``target`` via ``.{name}.part``; verify; rename. Returns the size.
+
+    A ``.part`` file left by an interrupted download is resumed with a ``Range`` request when the server
+    answers ``206``; otherwise the download restarts. A file that fails verification is removed.
+    """
     expected_size = asset.get("file:size")
     checksum = asset.get("file:checksum")
     digest = hashlib.sha256() if isinstance(checksum, str) and checksum.startswith(_SHA256_MULTIHASH_PREFIX) else None
     tmp = target.with_name(f".{target.name}.part")
-    size = 0
+    offset = tmp.stat().st_size if tmp.exists() else 0
+    if expected_size is not None and offset >= int(expected_size):
+        offset = 0  # nothing sensible to resume
+    headers = {"Range": f"bytes={offset}-"} if offset else None
+    with job.connection.get(href, stream=True, headers=headers, expected_status=[200, 206]) as resp:
+        resumed = offset > 0 and resp.status_code == 206
+        if resumed and digest is not None:
+            with open(tmp, "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK_SIZE), b""):
+                    digest.update(chunk)
+        size = offset if resumed else 0
+        content_length = resp.headers.get("Content-Length")
+        with open(tmp, "ab" if resumed else "wb") as f:
+            for chunk in resp.iter_content(chunk_size=CHUNK_SIZE):
+                f.write(chunk)
+                size += len(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+            f.flush()
+            os.fsync(f.fileno())
     try:
-        with job.connection.get(href, stream=True, expected_status=200) as resp:
-            content_length = resp.headers.get("Content-Length")
-            with open(tmp, "wb") as f:
-                for chunk in resp.iter_content(chunk_size=CHUNK_SIZE):
-                    f.write(chunk)
-                    size += len(chunk)
-                    if digest is not None:
-                        digest.update(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        if content_length is not None and "Content-Encoding" not in resp.headers and int(content_length) != size:
-            raise DownloadVerificationError(f"{href}: got {size} bytes, Content-Length said {content_length}")
+        sent = size - (offset if resumed else 0)
+        if content_length is not None and "Content-Encoding" not in resp.headers and int(content_length) != sent:
+            raise DownloadVerificationError(f"{href}: got {sent} bytes, Content-Length said {content_length}")
         if expected_size is not None and int(expected_size) != size:
             raise DownloadVerificationError(f"{href}: got {size} bytes, file:size said {expected_size}")
         if digest is not None and digest.hexdigest() != checksum[len(_SHA256_MULTIHASH_PREFIX) :].lower():
             raise DownloadVerificationError(f"{href}: sha256 {digest.hexdigest()} does not match file:checksum")
-        os.replace(tmp, target)
-    except BaseException:
+    except DownloadVerificationError:
         tmp.unlink(missing_ok=True)
         raise
+    os.replace(tmp, target)
     return size
 
 
@@ -79,6 +93,8 @@ def download_job_results(job: BatchJob, job_dir: Path, *, job_metadata: dict | N
     ``job_metadata`` (the ``GET /jobs/{id}`` document) is fetched when not given.
     """
     job_dir.mkdir(parents=True, exist_ok=True)
+    for stale in job_dir.glob(".*.tmp"):  # left by a run killed while writing metadata
+        stale.unlink(missing_ok=True)
     results = job.get_results()
     metadata = results.get_metadata()
     report = DownloadReport(job_id=job.job_id)

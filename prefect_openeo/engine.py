@@ -10,6 +10,7 @@ import collections
 import datetime
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from openeo.rest import OpenEoApiError
 from openeo.util import deep_get, rfc3339
 
 from prefect_openeo import steps as plain_steps
-from prefect_openeo.backends import Backend, JobReport
+from prefect_openeo.backends import TOKEN_PREFIX, Backend, JobReport
 from prefect_openeo.states import ACTIVE, Event, observe
 
 if TYPE_CHECKING:
@@ -37,6 +38,10 @@ BOOKKEEPING_COLUMNS = ("id", "backend_name", "status", "start_time", "running_st
 #: How often a failing ``on_job_done``/``on_job_error`` hook (e.g. a result download) is tried in all.
 HOOK_ATTEMPTS = 3
 MESSAGE_COLUMN = "message"
+#: The creation token of a row's job (also at the end of the job's title), recorded before creating it.
+TOKEN_COLUMN = "create_token"
+RETRY_COUNT_COLUMN = "retry_count"
+RETRY_AFTER_COLUMN = "retry_after"
 
 
 @dataclass
@@ -114,12 +119,18 @@ class JobEngine:
         self._problems: dict[Any, str] = {}
         #: ``GET /jobs/{id}`` documents fetched when jobs ended, handed to the hooks (saves a request).
         self._details: dict[Any, dict] = {}
+        #: Jobs this process asked to start: a ``queued_for_start`` row whose job is still ``created`` and
+        #: not in here was stranded by a crash between recording and sending the start, so it is sent again.
+        self._start_issued: set[str] = set()
+        #: The status each backend last reported per row (this sweep).
+        self._reported: dict[Any, str] = {}
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
         if not self.manager.backends:
             raise RuntimeError("No backends registered")
         self._check_backend_names()
+        self._reconcile_creations()
         self._queue_missing_downloads()
         try:
             while not self.should_stop() and self.has_work():
@@ -164,6 +175,7 @@ class JobEngine:
             self._persist(active, changed)
         self._queue_hooks(active, events)
         self._run_hooks()
+        self._schedule_retries()
 
     # -- tracking ---------------------------------------------------------------------------------
     def _track(self, rows: pd.DataFrame, changed: set, events: list) -> None:
@@ -195,6 +207,7 @@ class JobEngine:
 
     def _apply_report(self, rows: pd.DataFrame, index: Any, report: JobReport, changed: set, events: list) -> None:
         previous = rows.at[index, "status"]
+        self._reported[index] = report.status
         transition = observe(previous, report.status, start_requested=previous == "queued_for_start")
         _log.info(
             f"Status of job {rows.at[index, 'id']!r} (on backend {rows.at[index, 'backend_name']}) is "
@@ -262,16 +275,33 @@ class JobEngine:
                     _log.error(f"Failed to cancel job {row['id']!r}: {e!r}")
 
     def _start_created(self, backend: Backend, rows: pd.DataFrame, indices: list, changed: set) -> None:
-        to_start = [i for i in indices if rows.at[i, "status"] == "created"]
+        stranded = [
+            i
+            for i in indices
+            if rows.at[i, "status"] == "queued_for_start"
+            and self._reported.get(i) == "created"
+            and rows.at[i, "id"] not in self._start_issued
+        ]
+        to_start = [i for i in indices if rows.at[i, "status"] == "created"] + stranded
+        limit = backend.limit()
+        if limit is not None and to_start:  # the backend refused more: start only as jobs there end
+            here = rows["backend_name"] == backend.name
+            started = int((here & rows["status"].isin(["queued", "running"])).sum())
+            to_start = to_start[: max(0, limit - started)]
         if not to_start:
             return
         for index in to_start:
             rows.at[index, "status"] = "queued_for_start"
             self.stats["job_queued_for_start"] += 1
             changed.add(index)
+        # Record "start requested" before sending it: a crash in between is recovered (``stranded``).
+        self._persist(rows, changed)
         by_id = {rows.at[i, "id"]: i for i in to_start}
+        self._start_issued.update(by_id)
+        refused = 0
         for outcome in self.steps.start_jobs(backend, list(by_id)):
             index = by_id[outcome.job_id]
+            changed.add(index)
             if outcome.started:
                 self.stats["job start"] += 1
                 rows.at[index, "status"] = "queued"
@@ -279,14 +309,19 @@ class JobEngine:
             elif outcome.retry_later:
                 self.stats["job start retry"] += 1
                 rows.at[index, "status"] = "created"
+                self._start_issued.discard(outcome.job_id)
+                refused += 1
             else:
                 self.stats["start_job error"] += 1
                 self._fail_row(rows, index, "start_failed", outcome.error or "start failed")
+        if refused:
+            here = rows["backend_name"] == backend.name
+            backend.refuse_more(int((here & rows["status"].isin(["queued", "running"])).sum()))
 
     # -- filling slots ----------------------------------------------------------------------------
     def _fill(self, active: pd.DataFrame) -> None:
         counts = active[active["status"].isin(ACTIVE)].groupby("backend_name").size().to_dict()
-        free = {name: b.parallel_jobs - counts.get(name, 0) for name, b in self.manager.backends.items()}
+        free = {name: b.slots() - counts.get(name, 0) for name, b in self.manager.backends.items()}
         total_free = sum(max(0, f) for f in free.values())
         if total_free <= 0:
             return
@@ -294,7 +329,10 @@ class JobEngine:
         if candidates.empty:
             return
         plan: dict[str, list] = collections.defaultdict(list)
+        now = rfc3339.now_utc()
         for index, row in candidates.iterrows():
+            if not _blank(row.get(RETRY_AFTER_COLUMN)) and str(row[RETRY_AFTER_COLUMN]) > now:
+                continue
             pinned = row.get("backend_name")
             names = [pinned] if not _blank(pinned) else list(self.manager.backends)
             target = next((n for n in names if free.get(n, 0) > 0), None)
@@ -309,6 +347,11 @@ class JobEngine:
 
     def _launch(self, backend_name: str, rows: pd.DataFrame) -> None:
         backend = self.manager.backends[backend_name]
+        # Record the intent, with a token that goes into the job's title, before asking the backend:
+        # after a crash, a rerun finds the job by its token instead of creating it again.
+        for index in rows.index:
+            set_cell(rows, index, TOKEN_COLUMN, f"{TOKEN_PREFIX}{uuid.uuid4().hex[:12]}")
+        self._persist(rows, set(rows.index))
         set_cell_all(rows, "backend_name", backend_name)
         self.stats["start_job call"] += len(rows)
         outcomes = self.steps.create_jobs(self.start_job, rows, backend, self.manager._get_connection)
@@ -393,6 +436,61 @@ class JobEngine:
             if not results_present(self.manager.get_job_dir(row["id"]), row["id"]):
                 job = self.manager._get_connection(row["backend_name"]).job(row["id"])
                 self._hooks.append(_PendingHook("done", job, row))
+
+    def _reconcile_creations(self) -> None:
+        """Rows whose creation was under way when a run stopped: adopt the job if the backend has it."""
+        pending = self.job_db.get_by_status(statuses=["not_started"])
+        if pending.empty or TOKEN_COLUMN not in pending.columns:
+            return
+        pending = pending[~pending[TOKEN_COLUMN].map(_blank)].copy()
+        if pending.empty:
+            return
+        tokens = dict(zip(pending[TOKEN_COLUMN], pending.index, strict=True))
+        found: dict[str, tuple[str, dict]] = {}
+        for name, backend in self.manager.backends.items():
+            try:
+                for token, entry in backend.find_created(set(tokens) - set(found)).items():
+                    found[token] = (name, entry)
+            except Exception as e:
+                _log.warning(f"Could not look for jobs of an interrupted run on backend {name!r}: {e!r}")
+        for token, index in tokens.items():
+            if token in found:
+                name, entry = found[token]
+                _log.info(f"Row {index}: adopting job {entry['id']} on {name}, created before the last run stopped")
+                set_cell(pending, index, "backend_name", name)
+                set_cell(pending, index, "id", entry["id"])
+                set_cell(pending, index, "start_time", entry.get("created") or rfc3339.now_utc())
+                pending.at[index, "status"] = "created"
+                self.stats["job adopted"] += 1
+            else:
+                set_cell(pending, index, TOKEN_COLUMN, None)
+        self._persist(pending, set(pending.index))
+
+    def _schedule_retries(self) -> None:
+        """Optionally give ``error``/``start_failed`` rows another go, after a backoff, up to a maximum."""
+        limit = self.manager._retry_failed_jobs
+        if not limit:
+            return
+        changed = set()
+        rows = self.job_db.get_by_status(statuses=["error", "start_failed"]).copy()
+        for index, row in rows.iterrows():
+            count = 0 if _blank(row.get(RETRY_COUNT_COLUMN)) else int(row[RETRY_COUNT_COLUMN])
+            if count >= limit:
+                continue
+            delay = self.manager._retry_backoff * (2**count)
+            after = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=delay)
+            job = "" if _blank(row["id"]) else f" (job {row['id']})"
+            note = f"attempt {count + 1} ended {row['status']}{job}"
+            set_cell(rows, index, RETRY_COUNT_COLUMN, count + 1)
+            set_cell(rows, index, RETRY_AFTER_COLUMN, rfc3339.datetime(after))
+            set_cell(rows, index, MESSAGE_COLUMN, f"{note}; retry {count + 1}/{limit} after {delay:g} s")
+            for column in ("id", TOKEN_COLUMN, "start_time", "running_start_time"):
+                if column in rows.columns:
+                    set_cell(rows, index, column, None)
+            rows.at[index, "status"] = "not_started"
+            self.stats["job retry scheduled"] += 1
+            changed.add(index)
+        self._persist(rows, changed)
 
     # -- persistence ------------------------------------------------------------------------------
     def _persist(self, rows: pd.DataFrame, changed: set) -> None:

@@ -50,6 +50,8 @@ class MultiBackendJobManager:
     :param root_dir: folder for per-job results, metadata and error logs (``job_{id}/``).
     :param download_results: download the results of finished jobs.
     :param cancel_running_job_after: cancel jobs running longer than this (seconds).
+    :param retry_failed_jobs: (prefect-openeo) give rows that end ``error`` or ``start_failed`` up to this many
+        new jobs; the n-th retry waits ``retry_backoff * 2**(n-1)`` seconds. Counted in column ``retry_count``.
     """
 
     #: Upstream's column requirements (``normalize_df``, dtypes when reading CSV).
@@ -62,7 +64,13 @@ class MultiBackendJobManager:
         *,
         download_results: bool = True,
         cancel_running_job_after: int | None = None,
+        retry_failed_jobs: int = 0,
+        retry_backoff: float = 60.0,
     ):
+        if not isinstance(retry_failed_jobs, int) or retry_failed_jobs < 0:
+            raise ValueError(f"retry_failed_jobs must be a non-negative int, got {retry_failed_jobs!r}")
+        self._retry_failed_jobs = retry_failed_jobs
+        self._retry_backoff = float(retry_backoff)
         self.backends: dict[str, Backend] = {}
         self.poll_sleep = poll_sleep
         self._root_dir = Path(root_dir or ".")

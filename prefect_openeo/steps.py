@@ -17,11 +17,14 @@ from openeo import BatchJob
 from openeo.rest import OpenEoApiError
 from openeo.util import rfc3339
 
-from prefect_openeo.backends import Backend, SweepResult, sweep_statuses
+from prefect_openeo.backends import Backend, SweepResult, creation_token, sweep_statuses
 from prefect_openeo.downloads import DownloadReport, download_job_results
 from prefect_openeo.jobdb.files import atomic_write
 
 _log = logging.getLogger("prefect_openeo")
+
+#: Column holding a row's creation token (see ``prefect_openeo.engine``).
+TOKEN_COLUMN = "create_token"
 
 __all__ = [
     "CreateOutcome",
@@ -67,11 +70,13 @@ def create_jobs(
     connection = backend.connection()
     for index, row in rows.iterrows():
         outcome = CreateOutcome(index=index)
+        token = row.get(TOKEN_COLUMN)
         try:
             _log.info(f"Starting job on backend {backend.name} for row {index}")
-            job = start_job(
-                row=row, connection_provider=connection_provider, connection=connection, provider=backend.name
-            )
+            with creation_token(token if isinstance(token, str) else None):
+                job = start_job(
+                    row=row, connection_provider=connection_provider, connection=connection, provider=backend.name
+                )
         except Exception as e:  # the user's callback: record, go on with the next row
             _log.warning(f"start_job failed for row {index} on backend {backend.name}: {e!r}", exc_info=True)
             outcome.error = f"start_job raised {e!r}"

@@ -35,10 +35,11 @@ def prefect_api():
 
 def ndvi_job(row: pd.Series, connection: openeo.Connection, **kwargs) -> openeo.BatchJob:
     """A typical user callback: an NDVI job over the row's bbox and year."""
+    year = int(row["year"])
     cube = connection.load_collection(
         "SENTINEL2_L2A",
         spatial_extent={"west": row["west"], "south": 51.0, "east": row["west"] + 0.1, "north": 51.1},
-        temporal_extent=[f"{row['year']}-01-01", f"{row['year'] + 1}-01-01"],
+        temporal_extent=[f"{year}-01-01", f"{year + 1}-01-01"],
         bands=["B04", "B08"],
     )
     return cube.ndvi(nir="B08", red="B04").create_job(title=f"tile {row.name}", out_format="GTiff")

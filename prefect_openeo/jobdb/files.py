@@ -57,6 +57,7 @@ class _AtomicMixin:
     path: Path
     _df: pd.DataFrame | None
     _rows_read: int = 0
+    _swept: bool = False
 
     def _write(self, df: pd.DataFrame, tmp: Path) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -76,6 +77,10 @@ class _AtomicMixin:
         return df
 
     def persist(self, df: pd.DataFrame) -> None:
+        if not self._swept:  # temp files of a writer that was killed mid-write
+            for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            self._swept = True
         self._merge_into_df(df)  # type: ignore[attr-defined]
         full = self.df  # type: ignore[attr-defined]
         if len(full) < self._rows_read:
