@@ -154,11 +154,21 @@ class Backend:
             try:
                 connection = self.get_connection()
             except Exception as e:
-                raise BackendError(f"Backend {self.name!r}: cannot connect: {e}") from e
+                raise BackendError(f"Backend {self.name!r}: cannot connect (is it an openEO API?): {e}") from e
             if not isinstance(connection, Connection):
                 raise BackendError(f"Backend {self.name!r}: the connection getter returned {connection!r}")
             self._connection = make_resilient(connection)
         return self._connection
+
+    def check(self) -> None:
+        """Fail early and clearly when the backend is not a usable openEO API."""
+        connection = self.connection()
+        try:
+            api_version = connection.capabilities().api_version()
+        except Exception as e:
+            raise BackendError(f"Backend {self.name!r} at {connection.root_url}: not a usable openEO API: {e}") from e
+        if not api_version:
+            raise BackendError(f"Backend {self.name!r} at {connection.root_url}: no api_version in its capabilities")
 
     def limit(self) -> int | None:
         """While the backend refuses more jobs (``ConcurrentJobLimit``): how many it takes; else None."""

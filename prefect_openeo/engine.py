@@ -130,6 +130,8 @@ class JobEngine:
         if not self.manager.backends:
             raise RuntimeError("No backends registered")
         self._check_backend_names()
+        for backend in self.manager.backends.values():
+            backend.check()
         self._reconcile_creations()
         self._queue_missing_downloads()
         try:

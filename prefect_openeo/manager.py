@@ -23,7 +23,7 @@ from openeo.extra.job_management._manager import MultiBackendJobManager as _Upst
 
 from prefect_openeo.backends import Backend
 from prefect_openeo.engine import JobEngine, Observer, Steps, cancel_after
-from prefect_openeo.jobdb.files import resolve_job_db
+from prefect_openeo.jobdb.files import JobDatabaseError, resolve_job_db
 
 _log = logging.getLogger("prefect_openeo")
 
@@ -110,6 +110,8 @@ class MultiBackendJobManager:
         ``start_job(row, connection, connection_provider, provider)`` creates one row's batch job and
         returns it (or None to skip the row). The manager starts created jobs itself.
         """
+        if not callable(start_job):
+            raise TypeError(f"start_job must be callable (a function or a ProcessBasedJobCreator), got {start_job!r}")
         job_db = self._prepare(df, job_db, kwargs)
         self.stats = collections.defaultdict(int)
         return self._engine(job_db, start_job).run()
@@ -132,6 +134,9 @@ class MultiBackendJobManager:
         if job_db.exists():
             _log.info(f"Resuming `run_jobs` from existing {job_db}")
         elif df is not None:
+            if not df.index.is_unique:
+                dups = sorted({str(i) for i in df.index[df.index.duplicated()]})[:5]
+                raise JobDatabaseError(f"The dataframe given to run_jobs has duplicate index values {dups}")
             job_db.initialize_from_df(df)
         return job_db
 

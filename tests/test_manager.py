@@ -448,7 +448,7 @@ def test_malformed_job_database_is_a_clear_error_and_left_untouched(openeo_simul
 
     weird = tmp_path / "weird.csv"
     weird.write_text("year,status\n2020,not_started\n2021,halfway\n")
-    with pytest.raises(JobDatabaseError, match=r"weird.csv.*unknown values \['halfway'\].*rows 1"):
+    with pytest.raises(JobDatabaseError, match=r"weird.csv.*unknown values \['halfway'\] at row 1"):
         manager.run_jobs(job_db=weird, start_job=ndvi_job)
     assert weird.read_text() == "year,status\n2020,not_started\n2021,halfway\n"
     assert openeo_simulator.created_count() == 0

@@ -19,6 +19,7 @@ from openeo.extra.job_management import (
     JobDatabaseInterface,
     ParquetJobDatabase,
 )
+from openeo.util import rfc3339
 
 from prefect_openeo.states import ALL
 
@@ -73,6 +74,7 @@ class _AtomicMixin:
         except Exception as e:
             raise JobDatabaseError(f"Job database {str(self.path)!r} cannot be read: {e}") from e
         check_job_frame(df, source=str(self.path))
+        df = normalize_job_frame(df)
         self._rows_read = max(self._rows_read, len(df))
         return df
 
@@ -95,7 +97,12 @@ class AtomicCsvJobDatabase(_AtomicMixin, CsvJobDatabase):
     """openeo's ``CsvJobDatabase``, persisted atomically."""
 
     def _read_file(self) -> pd.DataFrame:
-        return CsvJobDatabase.read(self)
+        try:
+            return CsvJobDatabase.read(self)
+        except ValueError:
+            # A typed column failed to parse: read it all as text to say which row and column.
+            check_job_frame(pd.read_csv(self.path, dtype=str), source=str(self.path))
+            raise
 
     def _write(self, df: pd.DataFrame, tmp: Path) -> None:
         df.to_csv(tmp, index=False)
@@ -111,19 +118,91 @@ class AtomicParquetJobDatabase(_AtomicMixin, ParquetJobDatabase):
         df.to_parquet(tmp, index=False)
 
 
+#: Bookkeeping columns a job database may lack: they are added (empty) when it is read.
+OPTIONAL_COLUMNS = ("id", "backend_name", "start_time", "running_start_time", "costs")
+
+
+def _where(df: pd.DataFrame, mask: pd.Series) -> str:
+    rows = [str(i) for i in df.index[mask.to_numpy()][:5]]
+    more = int(mask.sum()) - len(rows)
+    return f"row{'s' if len(rows) > 1 else ''} {', '.join(rows)}" + (f" and {more} more" if more > 0 else "")
+
+
 def check_job_frame(df: pd.DataFrame, *, source: str) -> None:
-    """Raise a clear error for a frame the manager cannot work with."""
-    if "status" in df.columns:
-        statuses = df["status"]
-        unknown = sorted({str(s) for s in statuses.dropna().unique()} - set(ALL))
-        if unknown:
-            rows = [str(i) for i in df.index[statuses.isin(unknown)][:5]]
-            raise JobDatabaseError(
-                f"Job database {source!r}: column 'status' has unknown values {unknown} (rows {', '.join(rows)})"
-            )
+    """Raise a ``JobDatabaseError`` naming the file, rows and column for a frame the manager cannot use."""
+    where = f"Job database {source!r}"
+    if df.columns.duplicated().any():
+        raise JobDatabaseError(f"{where}: duplicate column names {sorted(set(df.columns[df.columns.duplicated()]))}")
+    if "status" not in df.columns:
+        raise JobDatabaseError(
+            f"{where} has no 'status' column (columns: {', '.join(map(str, df.columns[:8]))}); "
+            "is it a job database? Create one from a table of rows with create_job_db(path, df)."
+        )
     if not df.index.is_unique:
         dups = sorted({str(i) for i in df.index[df.index.duplicated()]})[:5]
-        raise JobDatabaseError(f"Job database {source!r}: duplicate index values {dups}")
+        raise JobDatabaseError(f"{where}: duplicate index values {dups}")
+    status = df["status"]
+    blank = status.isna()
+    if blank.any():
+        raise JobDatabaseError(f"{where}: column 'status' is empty at {_where(df, blank)}")
+    text = status.astype(str)
+    unknown_mask = ~text.isin(ALL)
+    if unknown_mask.any():
+        unknown = sorted(set(text[unknown_mask]))[:5]
+        raise JobDatabaseError(
+            f"{where}: column 'status' has unknown values {unknown} at {_where(df, unknown_mask)} "
+            f"(allowed: {', '.join(ALL)})"
+        )
+    for column in ("id", "backend_name"):
+        if column in df.columns:
+            values = df[column]
+            bad = values.notna() & ~values.map(lambda v: isinstance(v, str))
+            if bad.any():
+                raise JobDatabaseError(
+                    f"{where}: column {column!r} must hold text, found {_plain(values[bad].iloc[0])!r} "
+                    f"at {_where(df, bad)}"
+                )
+    if "running_start_time" in df.columns:  # used to cancel jobs running too long
+        values = df["running_start_time"]
+        bad = (status == "running") & values.notna() & (values.astype(str) != "") & ~values.map(_is_timestamp)
+        if bad.any():
+            raise JobDatabaseError(
+                f"{where}: column 'running_start_time' must hold RFC 3339 times, found {values[bad].iloc[0]!r} "
+                f"at {_where(df, bad)}"
+            )
+    if "costs" in df.columns and df["costs"].notna().any():
+        numbers = pd.to_numeric(df["costs"], errors="coerce")
+        bad = df["costs"].notna() & numbers.isna()
+        if bad.any():
+            raise JobDatabaseError(
+                f"{where}: column 'costs' must hold numbers, found {df['costs'][bad].iloc[0]!r} at {_where(df, bad)}"
+            )
+    active = status.isin(["created", "queued_for_start", "queued", "running"])
+    if "backend_name" not in df.columns and active.any():
+        raise JobDatabaseError(f"{where}: active rows without a 'backend_name' column at {_where(df, active)}")
+
+
+def _plain(value):
+    """numpy scalars as plain Python values, for messages."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _is_timestamp(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        rfc3339.parse_datetime(value)
+        return True
+    except Exception:
+        return False
+
+
+def normalize_job_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Add missing optional bookkeeping columns (empty), as ``initialize_from_df`` would have."""
+    missing = [c for c in OPTIONAL_COLUMNS if c not in df.columns]
+    for column in missing:
+        df[column] = pd.Series([None] * len(df), index=df.index, dtype=object)
+    return df
 
 
 _UPGRADES = {CsvJobDatabase: AtomicCsvJobDatabase, ParquetJobDatabase: AtomicParquetJobDatabase}
