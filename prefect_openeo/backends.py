@@ -23,6 +23,7 @@ from openeo.rest import OpenEoApiError
 from openeo.rest.auth.auth import OidcBearerAuth
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
+from urllib3.util.retry import RequestHistory
 
 _log = logging.getLogger(__name__)
 
@@ -87,16 +88,50 @@ class ManagerAdapter(HTTPAdapter):
         return super().send(request, *args, **kwargs)
 
 
+class PatientRetry(Retry):
+    """upstream's retry budget (``MAX_RETRIES`` with backoff), where the waits a backend asks for with
+    ``Retry-After`` on 429/503 do not use up attempts, as long as they add up to less than
+    ``retry_after_budget`` seconds for one request (each counted as at least a second).
+
+    A backend in a maintenance window that answers ``503 Retry-After: 5`` for ten minutes is waited for; one
+    that keeps failing without saying when to come back exhausts the budget and the error surfaces, as
+    with openeo's manager.
+    """
+
+    def __init__(self, *args: Any, retry_after_budget: float = 3600.0, retry_after_spent: float = 0.0, **kw: Any):
+        super().__init__(*args, **kw)
+        self.retry_after_budget = retry_after_budget
+        self.retry_after_spent = retry_after_spent
+
+    def new(self, **kw: Any) -> PatientRetry:
+        kw.setdefault("retry_after_budget", self.retry_after_budget)
+        kw.setdefault("retry_after_spent", self.retry_after_spent)
+        return super().new(**kw)
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        wait = self.get_retry_after(response) if response is not None and response.status in (429, 503) else None
+        if wait is not None and method and self._is_method_retryable(method):
+            spent = self.retry_after_spent + max(1.0, wait)
+            if spent <= self.retry_after_budget:
+                history = self.history + (RequestHistory(method, url, None, response.status, None),)
+                return self.new(history=history[-20:], retry_after_spent=spent)
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
 def make_resilient(connection: Connection) -> Connection:
-    """Retry 500/502/503/504 (and 429 with ``Retry-After``) with backoff, exactly as upstream's manager."""
-    retries = Retry(
+    """Retry 429/500/502/503/504 and network errors with backoff, honouring ``Retry-After``.
+
+    The same budget as upstream's manager (``MAX_RETRIES`` attempts, backoff factor 0.1), for the same
+    methods plus ``DELETE`` (cancel is idempotent); waits a backend asks for do not count (``PatientRetry``).
+    """
+    retries = PatientRetry(
         total=MAX_RETRIES,
         read=MAX_RETRIES,
         other=MAX_RETRIES,
         status=MAX_RETRIES,
         backoff_factor=0.1,
-        status_forcelist=[500, 502, 503, 504],
-        allowed_methods=["HEAD", "GET", "OPTIONS", "POST"],
+        status_forcelist=[429, 500, 502, 503, 504],
+        allowed_methods=["HEAD", "GET", "OPTIONS", "POST", "DELETE"],
     )
     adapter = ManagerAdapter(max_retries=retries)
     connection.session.mount("https://", adapter)

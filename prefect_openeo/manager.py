@@ -78,7 +78,8 @@ class MultiBackendJobManager:
         self._cancel_running_job_after = cancel_after(cancel_running_job_after)
         self._thread: threading.Thread | None = None
         self._stop_thread = False
-        self._current_details: dict | None = None
+        #: Per lane thread: the job's ``GET /jobs/{id}`` document while its hook runs (saves a request).
+        self._hook_details = threading.local()
         #: Stats of the last (or current) run, also while ``start_job_thread`` runs.
         self.stats: dict = collections.defaultdict(int)
 
@@ -196,7 +197,8 @@ class MultiBackendJobManager:
         backend = self.backends.get(row.get("backend_name")) if hasattr(row, "get") else None
         if backend is not None:
             backend.refresh_token(job.connection)
-        report = steps.download_results(job, self.get_job_dir(job.job_id), self._current_details)
+        details = getattr(self._hook_details, "details", None)
+        report = steps.download_results(job, self.get_job_dir(job.job_id), details)
         self.stats["job download"] += 1
         self.stats["files downloaded"] += report.assets
 

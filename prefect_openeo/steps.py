@@ -112,6 +112,9 @@ def start_jobs(backend: Backend, job_ids: list[str]) -> list[StartOutcome]:
             else:
                 _log.error(f"Failed to start job {job_id!r}: {e!r}")
                 outcomes.append(StartOutcome(job_id, started=False, error=f"start failed: {e}"))
+        except Exception as e:  # transport errors after the connection's retries: as upstream, start_failed
+            _log.error(f"Failed to start job {job_id!r}: {e!r}")
+            outcomes.append(StartOutcome(job_id, started=False, error=f"start failed: {e!r}"))
     return outcomes
 
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import openeo
 import pandas as pd
@@ -245,3 +247,49 @@ def test_killed_runs_lose_nothing_and_duplicate_nothing(tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["rounds"] == 3 and summary["kills"] >= 3
     assert summary["duplicates"] == 0 and summary["lost_rows"] == 0 and summary["missing_results"] == 0
+
+
+@pytest.mark.timeout(240)
+def test_a_60_second_outage_of_one_backend_does_not_stall_the_other(openeo_simulator_factory, tmp_path):
+    """Backend a answers 503 (Retry-After: 1) for 60 s: b goes on meanwhile, a is used again once back.
+
+    60 retries of one request: more than upstream's budget of 50, which would have stopped the run.
+    """
+    sim_a = openeo_simulator_factory("a", run_duration=0.3)
+    sim_b = openeo_simulator_factory("b", run_duration=8.0)
+    db_path = tmp_path / "jobs.csv"
+    manager = MultiBackendJobManager(poll_sleep=0.2, root_dir=tmp_path / "root")
+    manager.add_backend("a", connection=openeo.connect(sim_a.url), parallel_jobs=2)
+    manager.add_backend("b", connection=openeo.connect(sim_b.url), parallel_jobs=1)
+    create_job_db(db_path, tiles_df(12))
+    start = sim_a.elapsed()
+    sim_a.config.outages = [(start + 1.5, start + 61.5)]
+    t0 = time.monotonic()
+    manager.start_job_thread(start_job=ndvi_job, job_db=db_path)
+    time.sleep(1.5 + 55)  # near the end of the outage
+    during = pd.read_csv(db_path)
+    finished_on_b = int(((during["backend_name"] == "b") & (during["status"] == "finished")).sum())
+    assert finished_on_b >= 5, during[["status", "backend_name"]]  # b went on: 8 s jobs, one at a time
+    a_before = sim_a.created_count()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and set(pd.read_csv(db_path)["status"]) != {"finished"}:
+        time.sleep(0.5)
+    manager.stop_job_thread(timeout_seconds=10)
+    final = pd.read_csv(db_path)
+    assert list(final["status"]) == ["finished"] * 12
+    assert sim_a.created_count() + sim_b.created_count() == 12  # no duplicates
+    assert sim_a.created_count() > a_before  # a took new rows once it was back
+    assert sim_a.request_counts()["GET /jobs"] >= 50  # it kept trying through the outage
+    assert time.monotonic() - t0 < 150
+
+
+def test_a_429_storm_is_waited_out(openeo_simulator, tmp_path):
+    openeo_simulator.config.rate_429 = 1.0
+    openeo_simulator.config.retry_after = 1
+    threading.Timer(4.0, lambda: setattr(openeo_simulator.config, "rate_429", 0.0)).start()
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, parallel_jobs=3)
+    manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(4), start_job=ndvi_job)
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["finished"] * 4
+    assert openeo_simulator.created_count() == 4
+    assert sum(openeo_simulator.request_counts().values()) > 4 * 5
