@@ -71,15 +71,19 @@ def run_round(args, sims: SimulatorProcess, manager: str, round_no: int, rng: ra
             proc.wait()
             kills += 1
     started = time.monotonic()
-    final = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        exit_code, stderr = final.returncode, final.stderr
+    except subprocess.TimeoutExpired as e:  # the rerun never finished (a known upstream gap)
+        exit_code, stderr = "timeout", (e.stderr or b"").decode(errors="replace")
     outcome = {
         "round": round_no,
         "kills": kills,
-        "final_exit": final.returncode,
+        "final_exit": exit_code,
         "final_seconds": round(time.monotonic() - started, 1),
     }
-    if final.returncode != 0:
-        outcome["error"] = final.stderr[-2000:]
+    if exit_code != 0:
+        outcome["error"] = stderr[-2000:]
     backend_jobs = [job for jobs in sims.jobs() for job in jobs]
     outcome.update(check_round(workdir, round_id, args.jobs, backend_jobs))
     return outcome
