@@ -27,6 +27,7 @@ from prefect_openeo.states import Status
 
 if TYPE_CHECKING:
     from prefect_openeo.flows import run_openeo_jobs
+    from prefect_openeo.jobdb.sql import SqlJobDatabase
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "MultiBackendJobManager",
     "ParquetJobDatabase",
     "ProcessBasedJobCreator",
+    "SqlJobDatabase",
     "Status",
     "create_job_db",
     "get_job_db",
@@ -51,4 +53,8 @@ def __getattr__(name: str) -> Any:
         from prefect_openeo.flows import run_openeo_jobs
 
         return run_openeo_jobs
+    if name == "SqlJobDatabase":
+        from prefect_openeo.jobdb.sql import SqlJobDatabase
+
+        return SqlJobDatabase
     raise AttributeError(f"module 'prefect_openeo' has no attribute {name!r}")

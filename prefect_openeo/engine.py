@@ -104,6 +104,8 @@ class JobEngine:
         #: The status each backend last reported per row.
         self._reported: dict[Any, str] = {}
         self._lanes = {name: Lane(name) for name in self.manager.backends}
+        #: A database shared by several workers (``SqlJobDatabase``): rows are claimed, with leases.
+        self._shared = all(hasattr(self.job_db, m) for m in ("claim_new", "claim_active", "stale_creations"))
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -122,6 +124,8 @@ class JobEngine:
                 self.observer.sweep_done(self.job_db, self.stats)
                 self._sleep()
         finally:
+            if self._shared and not any(lane.busy() for lane in self._lanes.values()):
+                self.job_db.release()
             self.observer.run_done(self.job_db, self.stats, dict(self._problems))
         return self.stats
 
@@ -151,7 +155,8 @@ class JobEngine:
     def iteration(self) -> None:
         """One sweep: collect finished lanes, plan, dispatch every idle backend's work, collect, retry."""
         self._collect(wait=0)
-        active = self._orphans(self.job_db.get_by_status(statuses=list(ACTIVE)))
+        rows = self.job_db.claim_active() if self._shared else self.job_db.get_by_status(statuses=list(ACTIVE))
+        active = self._orphans(rows)
         plan = self._plan(active)
         submitted = []
         for name, backend in self.manager.backends.items():
@@ -228,30 +233,23 @@ class JobEngine:
     # -- planning ---------------------------------------------------------------------------------
     def _plan(self, active: pd.DataFrame) -> dict[str, pd.DataFrame]:
         """Which ``not_started`` rows each idle backend creates now; their creation tokens are recorded."""
+        idle = {name: not self._lanes[name].busy() for name in self.manager.backends}
+        if self._shared:  # the database picks and claims rows, counting every worker's active jobs
+            budgets = {name: b.slots() if idle[name] else 0 for name, b in self.manager.backends.items()}
+            planned = self.job_db.claim_new(budgets, list(self.manager.backends))
+            if planned.empty:
+                return {}
+            by_backend = planned.pop("planned_backend")
+            return {name: planned[by_backend == name] for name in self.manager.backends if (by_backend == name).any()}
         counts = active.groupby("backend_name").size().to_dict()
         free = {
-            name: (0 if self._lanes[name].busy() else b.slots() - counts.get(name, 0))
-            for name, b in self.manager.backends.items()
+            name: (b.slots() - counts.get(name, 0) if idle[name] else 0) for name, b in self.manager.backends.items()
         }
         total_free = sum(max(0, f) for f in free.values())
         if total_free <= 0:
             return {}
         candidates = self.job_db.get_by_status(statuses=["not_started"], max=max(200, 4 * total_free))
-        if candidates.empty:
-            return {}
-        plan: dict[str, list] = collections.defaultdict(list)
-        now = rfc3339.now_utc()
-        for index, row in candidates.iterrows():
-            if not blank(row.get(RETRY_AFTER_COLUMN)) and str(row[RETRY_AFTER_COLUMN]) > now:
-                continue
-            pinned = row.get("backend_name")
-            names = [pinned] if not blank(pinned) else list(self.manager.backends)
-            target = next((n for n in names if free.get(n, 0) > 0), None)
-            if target is not None:
-                plan[target].append(index)
-                free[target] -= 1
-            if sum(max(0, f) for f in free.values()) <= 0:
-                break
+        plan = assign_rows(candidates, free, list(self.manager.backends))
         if not plan:
             return {}
         planned = candidates.loc[[i for name in self.manager.backends for i in plan.get(name, [])]].copy()
@@ -265,7 +263,10 @@ class JobEngine:
     # -- after a crash or restart -----------------------------------------------------------------
     def _reconcile_creations(self) -> None:
         """Rows whose creation was under way when a run stopped: adopt the job if the backend has it."""
-        pending = self.job_db.get_by_status(statuses=["not_started"])
+        if self._shared:
+            pending = self.job_db.stale_creations()
+        else:
+            pending = self.job_db.get_by_status(statuses=["not_started"])
         if pending.empty or TOKEN_COLUMN not in pending.columns:
             return
         pending = pending[~pending[TOKEN_COLUMN].map(blank)].copy()
@@ -352,7 +353,10 @@ class JobEngine:
 
     def _check_backend_names(self) -> None:
         """Rows that name a backend that is not registered get a clear error before anything starts."""
-        rows = self.job_db.get_by_status(statuses=WORK_STATUSES)
+        if hasattr(self.job_db, "unknown_backends"):
+            rows = self.job_db.unknown_backends(WORK_STATUSES, list(self.manager.backends))
+        else:
+            rows = self.job_db.get_by_status(statuses=WORK_STATUSES)
         if rows.empty or "backend_name" not in rows.columns:
             return
         names = rows["backend_name"]
@@ -364,6 +368,28 @@ class JobEngine:
                 f"{unknown.at[first, 'backend_name']!r}, which is not registered "
                 f"(registered: {', '.join(self.manager.backends)}); {len(unknown)} row(s) in all"
             )
+
+
+def assign_rows(candidates: pd.DataFrame, free: dict[str, int], order: list[str]) -> dict[str, list]:
+    """Rows (in order) to backends with free slots: a row's preset ``backend_name`` pins it; others go
+    to the first backend in ``order`` with room. Rows waiting for a retry (``retry_after``) are skipped."""
+    free = dict(free)
+    plan: dict[str, list] = collections.defaultdict(list)
+    if candidates.empty or sum(max(0, f) for f in free.values()) <= 0:
+        return plan
+    now = rfc3339.now_utc()
+    for index, row in candidates.iterrows():
+        if not blank(row.get(RETRY_AFTER_COLUMN)) and str(row[RETRY_AFTER_COLUMN]) > now:
+            continue
+        pinned = row.get("backend_name")
+        names = [pinned] if not blank(pinned) else order
+        target = next((n for n in names if free.get(n, 0) > 0), None)
+        if target is not None:
+            plan[target].append(index)
+            free[target] -= 1
+            if sum(max(0, f) for f in free.values()) <= 0:
+                break
+    return plan
 
 
 def cancel_after(seconds: float | None) -> datetime.timedelta | None:

@@ -13,6 +13,7 @@ import concurrent.futures
 import contextvars
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,17 @@ def format_usage(details: dict, field_name: str) -> str:
 
 def blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and pd.isna(value)) or value == ""
+
+
+def _stack(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """Rows of both frames (their columns may differ, or be all empty in one of them)."""
+    if second.empty:
+        return first
+    if first.empty:
+        return second.copy()
+    with warnings.catch_warnings():  # pandas' notice about all-NA columns in concat: the result is what we want
+        warnings.simplefilter("ignore", FutureWarning)
+        return pd.concat([first, second])
 
 
 class Lane:
@@ -119,7 +131,7 @@ class BackendWork:
         self.engine = engine
         self.backend = backend
         self.hooks = hooks
-        self.result = LaneResult(backend.name, rows=pd.concat([active, new]) if not new.empty else active)
+        self.result = LaneResult(backend.name, rows=_stack(active, new))
         self.new_indices = list(new.index)
 
     def __call__(self) -> LaneResult:

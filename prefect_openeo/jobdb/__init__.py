@@ -13,7 +13,16 @@ __all__ = [
     "AtomicCsvJobDatabase",
     "AtomicParquetJobDatabase",
     "JobDatabaseError",
+    "SqlJobDatabase",
     "create_job_db",
     "get_job_db",
     "resolve_job_db",
 ]
+
+
+def __getattr__(name: str):
+    if name == "SqlJobDatabase":  # imports SQLAlchemy only when used
+        from prefect_openeo.jobdb.sql import SqlJobDatabase
+
+        return SqlJobDatabase
+    raise AttributeError(f"module 'prefect_openeo.jobdb' has no attribute {name!r}")

@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 from openeo.extra.job_management import (
     CsvJobDatabase,
-    FullDataFrameJobDatabase,
     JobDatabaseInterface,
     ParquetJobDatabase,
 )
@@ -208,21 +207,34 @@ def normalize_job_frame(df: pd.DataFrame) -> pd.DataFrame:
 _UPGRADES = {CsvJobDatabase: AtomicCsvJobDatabase, ParquetJobDatabase: AtomicParquetJobDatabase}
 
 
+SQL_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
 def get_job_db(path: str | Path) -> JobDatabaseInterface:
     """Like openeo's ``get_job_db``, returning the atomic flavours (``.csv``, ``.parquet``, ``.geoparquet``)."""
+    if isinstance(path, str) and "://" in path:
+        from prefect_openeo.jobdb.sql import SqlJobDatabase
+
+        return SqlJobDatabase(path)
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix in SQL_SUFFIXES:
+        from prefect_openeo.jobdb.sql import SqlJobDatabase
+
+        return SqlJobDatabase(path)
     if suffix == ".csv":
         return AtomicCsvJobDatabase(path)
     if suffix in (".parquet", ".geoparquet"):
         return AtomicParquetJobDatabase(path)
-    raise JobDatabaseError(f"Could not guess job database type from {str(path)!r} (use .csv or .parquet)")
+    raise JobDatabaseError(
+        f"Could not guess job database type from {str(path)!r} "
+        "(use .csv, .parquet, .geoparquet, .db/.sqlite, or an SQLAlchemy URL such as postgresql+psycopg://...)"
+    )
 
 
 def create_job_db(path: str | Path, df: pd.DataFrame, *, on_exists: str = "error") -> JobDatabaseInterface:
     """Like openeo's ``create_job_db``, returning the atomic flavours."""
     job_db = get_job_db(path)
-    assert isinstance(job_db, FullDataFrameJobDatabase)
     job_db.initialize_from_df(df=df, on_exists=on_exists)
     return job_db
 
