@@ -96,8 +96,40 @@ def workload_section(args) -> None:
     )
 
 
-def _loop_measure(name: str, fmt: str, n_rows: int, urls: list[str], job_ids: list[str], queue) -> None:
-    """In a fresh process: one manager loop on an n-row job database with 20 running jobs."""
+def _prepare_db(fmt: str, n_rows: int, directory: str, job_ids: list[str]) -> None:
+    """In its own process (so its memory does not count): an n-row job database, 20 rows running."""
+    path = Path(directory) / f"jobs.{fmt}"
+    status = ["finished"] * n_rows
+    ids = [f"done-{i}" for i in range(n_rows)]
+    for i, job_id in enumerate(job_ids):
+        status[i], ids[i] = "running", job_id
+    df = pd.DataFrame(
+        {
+            "tile": range(n_rows),
+            "status": status,
+            "id": ids,
+            "backend_name": "b0",
+            "start_time": "2026-01-01T00:00:00Z",
+            "running_start_time": None,
+            "cpu": None,
+            "memory": None,
+            "duration": None,
+            "costs": None,
+        }
+    )
+    df.loc[: len(job_ids) - 1, "running_start_time"] = "2026-01-01T00:00:00Z"
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "parquet":
+        df.to_parquet(path, index=False)
+    else:
+        from prefect_openeo.jobdb.sql import SqlJobDatabase
+
+        SqlJobDatabase(path).initialize_from_df(df)
+
+
+def _loop_measure(name: str, fmt: str, directory: str, urls: list[str], queue) -> None:
+    """In a fresh process: one manager loop on a prepared job database with 20 running jobs."""
     import resource
 
     import requests
@@ -113,58 +145,36 @@ def _loop_measure(name: str, fmt: str, n_rows: int, urls: list[str], job_ids: li
             http["t"] += time.perf_counter() - t
 
     requests.Session.send = timed_send
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"jobs.{fmt}"
-        status = ["finished"] * n_rows
-        ids = [f"done-{i}" for i in range(n_rows)]
-        backend = ["b0"] * n_rows
-        for i, job_id in enumerate(job_ids):
-            status[i], ids[i] = "running", job_id
-        df = pd.DataFrame(
-            {
-                "tile": range(n_rows),
-                "status": status,
-                "id": ids,
-                "backend_name": backend,
-                "start_time": "2026-01-01T00:00:00Z",
-                "running_start_time": None,
-                "cpu": None,
-                "memory": None,
-                "duration": None,
-                "costs": None,
-            }
-        )
-        df.loc[: len(job_ids) - 1, "running_start_time"] = "2026-01-01T00:00:00Z"
-        df.to_csv(path, index=False) if fmt == "csv" else df.to_parquet(path, index=False)
-        manager = manager_class(name)(poll_sleep=0, root_dir=tmp)
-        manager.add_backend("b0", connection=openeo.connect(urls[0]), parallel_jobs=20)
-        if name == "openeo":
-            from openeo.extra.job_management import get_job_db
-            from openeo.extra.job_management._thread_worker import _JobManagerWorkerThreadPool
+    path = Path(directory) / f"jobs.{fmt}"
+    manager = manager_class(name)(poll_sleep=0, root_dir=directory)
+    manager.add_backend("b0", connection=openeo.connect(urls[0]), parallel_jobs=20)
+    if name == "openeo":
+        from openeo.extra.job_management import get_job_db
+        from openeo.extra.job_management._thread_worker import _JobManagerWorkerThreadPool
 
-            job_db = get_job_db(path)
-            manager._worker_pool = _JobManagerWorkerThreadPool()
-            loop = lambda: manager._job_update_loop(job_db=job_db, start_job=start_job)  # noqa: E731
-        else:
-            from prefect_openeo.jobdb import get_job_db
+        job_db = get_job_db(path)
+        manager._worker_pool = _JobManagerWorkerThreadPool()
+        loop = lambda: manager._job_update_loop(job_db=job_db, start_job=start_job)  # noqa: E731
+    else:
+        from prefect_openeo.jobdb import get_job_db
 
-            job_db = get_job_db(path)
-            engine = manager._engine(job_db, start_job)
-            loop = engine.iteration
-        loop()  # warm-up: loads the database, connects, learns the backend's listing
-        samples, changed = [], []
-        for i in range(10):
-            if i % 2:  # every other loop, one row's status changes (the backend says running, the row queued)
-                row = job_db.get_by_indices([0]).copy()
-                row["status"] = "queued"
-                job_db.persist(row)
-            http["t"] = 0.0
-            t = time.perf_counter()
-            loop()
-            total = time.perf_counter() - t
-            (changed if i % 2 else samples).append((total, total - http["t"]))
-        if name == "openeo":
-            manager._worker_pool.shutdown()
+        job_db = get_job_db(path)
+        engine = manager._engine(job_db, start_job)
+        loop = engine.iteration
+    loop()  # warm-up: loads the database, connects, learns the backend's listing
+    samples, changed = [], []
+    for i in range(10):
+        if i % 2:  # every other loop, one row's status changes (the backend says running, the row queued)
+            row = job_db.get_by_indices([0]).copy()
+            row["status"] = "queued"
+            job_db.persist(row)
+        http["t"] = 0.0
+        t = time.perf_counter()
+        loop()
+        total = time.perf_counter() - t
+        (changed if i % 2 else samples).append((total, total - http["t"]))
+    if name == "openeo":
+        manager._worker_pool.shutdown()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(
         (
@@ -192,11 +202,16 @@ def loop_section(args) -> None:
             job.start()
             job_ids.append(job.job_id)
         for n in sizes:
-            for fmt in ("csv", "parquet"):
-                ratios = {}
-                for name in MANAGERS:
+            ratios: dict = {}
+            for fmt in ("csv", "parquet", "sqlite"):
+                ratios = {} if fmt != "sqlite" else {"openeo": ratios["openeo"]}  # sqlite: vs openeo's parquet
+                for name in MANAGERS if fmt != "sqlite" else ["prefect-openeo"]:
+                    directory = tempfile.mkdtemp(prefix="bench-loop-")
+                    prep = ctx.Process(target=_prepare_db, args=(fmt, n, directory, job_ids))
+                    prep.start()
+                    prep.join()
                     queue = ctx.Queue()
-                    proc = ctx.Process(target=_loop_measure, args=(name, fmt, n, sims.urls, job_ids, queue))
+                    proc = ctx.Process(target=_loop_measure, args=(name, fmt, directory, sims.urls, queue))
                     proc.start()
                     loop_s, book_s, change_s, peak = queue.get(timeout=600)
                     proc.join()
@@ -206,7 +221,10 @@ def loop_section(args) -> None:
                         f"| {change_s * 1000:.1f} | {peak:.0f} |"
                     )
                 ours, theirs = ratios["prefect-openeo"], ratios["openeo"]
-                print("| | | ratio | " + " | ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs, strict=True)) + " | |")
+                label = "ratio" if fmt != "sqlite" else "ratio to openeo+parquet"
+                print(
+                    f"| | | {label} | " + " | ".join(f"{a / b:.2f}" for a, b in zip(ours, theirs, strict=True)) + " | |"
+                )
     print()
 
 
