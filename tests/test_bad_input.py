@@ -131,7 +131,9 @@ def test_a_folder_where_the_job_database_should_be(manager, tmp_path):
 
 
 def test_unknown_job_database_extension(manager, tmp_path):
-    with pytest.raises(JobDatabaseError, match=r"jobs.xlsx.*use .csv, .parquet, .geoparquet, .db/.sqlite, or an SQLAlchemy URL"):
+    with pytest.raises(
+        JobDatabaseError, match=r"jobs.xlsx.*use .csv, .parquet, .geoparquet, .db/.sqlite, or an SQLAlchemy URL"
+    ):
         manager.run_jobs(job_db=tmp_path / "jobs.xlsx", df=tiles_df(1), start_job=ndvi_job)
     assert list(tmp_path.iterdir()) == []
 

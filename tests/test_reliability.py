@@ -293,3 +293,24 @@ def test_a_429_storm_is_waited_out(openeo_simulator, tmp_path):
     assert list(df["status"]) == ["finished"] * 4
     assert openeo_simulator.created_count() == 4
     assert sum(openeo_simulator.request_counts().values()) > 4 * 5
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "db"])
+def test_persist_clears_cells_and_keeps_other_rows(tmp_path, suffix):
+    """openeo's merge skips empty values (a cleared job id would stay) and a fresh object would write only the
+    given rows; both would lose or corrupt state on retries and resets."""
+    from prefect_openeo import get_job_db
+
+    path = tmp_path / f"jobs.{suffix}"
+    df = tiles_df(4)
+    df["status"], df["id"], df["backend_name"] = "error", [f"j-{i}" for i in range(4)], "sim"
+    create_job_db(path, df)
+    fresh = get_job_db(path)  # has not read its file yet
+    row = fresh.get_by_indices([1]).copy() if suffix == "db" else pd.DataFrame(index=[1])
+    row["status"], row["id"] = "not_started", None
+    fresh.persist(row[["status", "id"]])
+    out = get_job_db(path).read()
+    assert len(out) == 4
+    assert list(out["status"]) == ["error", "not_started", "error", "error"]
+    assert pd.isna(out.loc[1, "id"]) and out.loc[2, "id"] == "j-2"
+    assert out.loc[3, "west"] == pytest.approx(5.3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,42 @@ class _AtomicMixin:
         self._rows_read = max(self._rows_read, len(df))
         return df
 
+    def _merge_into_df(self, df: pd.DataFrame) -> None:
+        """Merge rows into the loaded frame, empty values included (openeo's merge skips them, so a
+        cleared cell would keep its old value), adding new columns and new rows."""
+        if self._df is None:
+            self._df = df.copy()
+            return
+        new_rows = df.index.difference(self._df.index)
+        if len(new_rows):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self._df = pd.concat([self._df, df.loc[new_rows]])
+        known = df.index.intersection(self._df.index).difference(new_rows)
+        if not len(known):
+            return
+        for column in df.columns:
+            values = df.loc[known, column]
+            if column not in self._df.columns:
+                self._df[column] = pd.Series([None] * len(self._df), index=self._df.index, dtype=object)
+            target = self._df[column]
+            if (
+                target.dtype != values.dtype
+                and not (pd.api.types.is_numeric_dtype(target.dtype) and pd.api.types.is_numeric_dtype(values.dtype))
+                and column != getattr(self._df, "_geometry_column_name", None)
+            ):
+                self._df[column] = target.astype(object)
+            self._df.loc[known, column] = values
+
     def persist(self, df: pd.DataFrame) -> None:
         if not self._swept:  # temp files of a writer that was killed mid-write
             for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 stale.unlink(missing_ok=True)
             self._swept = True
+        if self._df is None and self.exists():
+            # Persisting rows into a database object that has not read its file yet: merge them into what
+            # the file holds (openeo's classes would write the given rows alone, losing the others).
+            self._df = self.read()
         self._merge_into_df(df)  # type: ignore[attr-defined]
         full = self.df  # type: ignore[attr-defined]
         if len(full) < self._rows_read:
