@@ -148,3 +148,34 @@ def test_bad_start_job_import_path_fails_clearly(openeo_simulator, tmp_path):
     assert state.is_failed()
     with pytest.raises(ValueError, match="Cannot import start_job 'no_such_module:make_job'"):
         state.result()
+
+
+def test_example_flow_tiles_an_area_and_runs_it(openeo_simulator, tmp_path):
+    """flows/tile_and_run.py with plain-data parameters, as a deployment would call it; twice (resume)."""
+    import importlib.util
+    from pathlib import Path
+
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    spec = importlib.util.spec_from_file_location(
+        "tile_and_run", Path(__file__).parent.parent / "flows" / "tile_and_run.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    area = tmp_path / "aoi.geojson"
+    gpd.GeoDataFrame(geometry=[box(5.10, 51.20, 5.13, 51.215)], crs="EPSG:4326").to_file(area, driver="GeoJSON")
+    params = dict(
+        area=str(area),
+        job_db=str(tmp_path / "jobs.parquet"),
+        backends={"sim": openeo_simulator.url},
+        tile_size=1500,
+        poll_sleep=0.1,
+        root_dir=str(tmp_path / "results"),
+    )
+    stats = module.tile_and_run(**params)
+    df = gpd.read_parquet(tmp_path / "jobs.parquet")
+    assert len(df) >= 4 and set(df["status"]) == {"finished"}
+    assert stats["job finished"] == len(df) == openeo_simulator.created_count()
+    again = module.tile_and_run(**params)
+    assert again.get("start_job call", 0) == 0 and openeo_simulator.created_count() == len(df)
