@@ -146,15 +146,45 @@ class PrefectObserver(Observer):
     def run_done(self, job_db: JobDatabaseInterface, stats: dict, problems: dict) -> None:
         try:
             self.sweep_done(job_db, stats)
+            rows = all_rows(job_db)
             create_markdown_artifact(
-                markdown=summary_markdown(self.manager, all_rows(job_db), stats, problems),
+                markdown=summary_markdown(self.manager, rows, stats, problems),
                 key=f"{self._key}-summary",
                 description="Summary of the openEO job run",
             )
         except Exception as e:
             _log.warning(f"Could not write the run summary: {e!r}")
+        try:
+            create_markdown_artifact(
+                markdown=pictures_markdown(rows, self.manager._root_dir),
+                key=f"{self._key}-pictures",
+                description="Tiles by status, and jobs per backend over time",
+            )
+        except Exception as e:
+            _log.warning(f"Could not draw the run's pictures: {e!r}")
         finally:
             self._client.__exit__(None, None, None)
+
+
+def pictures_markdown(df: pd.DataFrame, folder) -> str:
+    """The map of tiles by status (when rows have geometry) and the timeline, saved as PNG in ``folder``
+    and embedded in markdown (data URIs), so the pictures show in the artifact without a file server."""
+    import base64
+    from pathlib import Path
+
+    from prefect_openeo.report import plot_map, plot_timeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    if hasattr(df, "geometry") and "geometry" in df.columns:
+        pictures.append(("Tiles by status", plot_map(df, folder / "openeo-jobs-map.png")))
+    pictures.append(("Jobs per backend over time", plot_timeline(df, folder / "openeo-jobs-timeline.png")))
+    lines = []
+    for title, path in pictures:
+        data = base64.b64encode(path.read_bytes()).decode()
+        lines += [f"## {title}", "", f"![{title}](data:image/png;base64,{data})", "", f"`{path.resolve()}`", ""]
+    return "\n".join(lines)
 
 
 def summary_markdown(manager: MultiBackendJobManager, df: pd.DataFrame, stats: dict, problems: dict) -> str:

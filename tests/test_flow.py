@@ -76,8 +76,11 @@ def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_fac
     assert by_type["progress"] and by_type["progress"][-1].data == 100.0
     tables = by_type["table"]
     assert tables and any("finished" in str(t.data) for t in tables)
-    (summary,) = by_type["markdown"]
+    (summary,) = [a for a in by_type["markdown"] if a.key.endswith("-summary")]
     assert "# openEO job run" in summary.data
+    (pictures,) = [a for a in by_type["markdown"] if a.key.endswith("-pictures")]
+    assert "![Jobs per backend over time](data:image/png;base64," in pictures.data
+    assert (tmp_path / "results" / "openeo-jobs-timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for job_id in df.loc[df["status"] == "finished", "id"]:
         assert (tmp_path / "results" / f"job_{job_id}").as_uri() in summary.data
 
