@@ -15,66 +15,44 @@ from prefect.tasks import exponential_backoff
 from prefect_openeo import steps
 from prefect_openeo.engine import Steps
 
-create_jobs = task(
-    steps.create_jobs,
-    name="create openEO jobs",
-    task_run_name="create jobs on {backend.name}",
-    cache_policy=NO_CACHE,
-    retries=0,
-    timeout_seconds=1800,
-    log_prints=True,
-)
 
-sweep_statuses = task(
-    steps.sweep_statuses,
-    name="sweep openEO job statuses",
-    task_run_name="sweep {backend.name}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    timeout_seconds=600,
-)
+def _step_task(fn, name: str, run_name: str, *, retries: int, backoff: float, timeout: float):
+    """A lifecycle step as an uncached Prefect task with exponential backoff (and jitter) between retries."""
+    return task(
+        fn,
+        name=name,
+        task_run_name=run_name,
+        cache_policy=NO_CACHE,
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=backoff),
+        retry_jitter_factor=0.5,
+        timeout_seconds=timeout,
+    )
 
-start_jobs = task(
-    steps.start_jobs,
-    name="start openEO jobs",
-    task_run_name="start jobs on {backend.name}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    timeout_seconds=600,
-)
 
-cancel_job = task(
-    steps.cancel_job,
-    name="cancel openEO job",
-    task_run_name="cancel {job_id} on {backend.name}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    timeout_seconds=300,
+# Not retried: the user's start_job is not idempotent, so a retry could create a second backend job.
+create_jobs = _step_task(
+    steps.create_jobs, "create openEO jobs", "create jobs on {backend.name}", retries=0, backoff=1, timeout=1800
 )
-
-download_results = task(
-    steps.download_results,
-    name="download openEO job results",
-    task_run_name="download {job.job_id}",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=10),
-    retry_jitter_factor=0.5,
-    timeout_seconds=3600,
+sweep_statuses = _step_task(
+    steps.sweep_statuses, "sweep openEO job statuses", "sweep {backend.name}", retries=2, backoff=5, timeout=600
 )
-
-fetch_error_logs = task(
+start_jobs = _step_task(
+    steps.start_jobs, "start openEO jobs", "start jobs on {backend.name}", retries=2, backoff=5, timeout=600
+)
+cancel_job = _step_task(
+    steps.cancel_job, "cancel openEO job", "cancel {job_id} on {backend.name}", retries=2, backoff=5, timeout=300
+)
+download_results = _step_task(
+    steps.download_results, "download openEO job results", "download {job.job_id}", retries=3, backoff=10, timeout=3600
+)
+fetch_error_logs = _step_task(
     steps.fetch_error_logs,
-    name="fetch openEO job error logs",
-    task_run_name="error logs of {job.job_id}",
-    cache_policy=NO_CACHE,
+    "fetch openEO job error logs",
+    "error logs of {job.job_id}",
     retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    timeout_seconds=300,
+    backoff=5,
+    timeout=300,
 )
 
 

@@ -10,6 +10,11 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-openeo-te
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+import contextlib  # noqa: E402
+import http.server  # noqa: E402
+import socketserver  # noqa: E402
+import threading  # noqa: E402
+
 import openeo  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -47,3 +52,26 @@ def ndvi_job(row: pd.Series, connection: openeo.Connection, **kwargs) -> openeo.
 
 def tiles_df(n: int) -> pd.DataFrame:
     return pd.DataFrame({"west": [5.0 + 0.1 * i for i in range(n)], "year": [2020 + i % 4 for i in range(n)]})
+
+
+@contextlib.contextmanager
+def static_server(body: bytes, content_type: str):
+    """A real HTTP server on 127.0.0.1 answering every GET with ``body``; yields its root URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            server.shutdown()

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import http.server
-import socketserver
-import threading
 from pathlib import Path
 
 import openeo
 import pandas as pd
 import pytest
-from conftest import ndvi_job, tiles_df
+from conftest import ndvi_job, static_server, tiles_df
 
 from prefect_openeo import JobDatabaseError, MultiBackendJobManager, create_job_db
 from prefect_openeo.backends import BackendError
@@ -190,21 +187,7 @@ def test_running_row_without_job_id(manager, tmp_path):
 
 
 def test_backend_url_that_is_not_openeo(tmp_path):
-    class Html(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = b"<html>hello</html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    with socketserver.TCPServer(("127.0.0.1", 0), Html) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
+    with static_server(b"<html>hello</html>", "text/html") as url:
         manager = MultiBackendJobManager(poll_sleep=0.05, root_dir=tmp_path)
         manager.add_backend("web", connection=lambda: openeo.connect(url))
         path = tmp_path / "jobs.csv"
@@ -212,7 +195,6 @@ def test_backend_url_that_is_not_openeo(tmp_path):
         before = path.read_bytes()
         with pytest.raises(BackendError, match=r"Backend 'web': cannot connect \(is it an openEO API\?\)"):
             manager.run_jobs(job_db=path, start_job=ndvi_job)
-        server.shutdown()
     assert path.read_bytes() == before
 
 

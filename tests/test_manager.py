@@ -12,7 +12,7 @@ import time
 import openeo
 import pandas as pd
 import pytest
-from conftest import ndvi_job, tiles_df
+from conftest import ndvi_job, static_server, tiles_df
 
 from prefect_openeo import CsvJobDatabase, JobDatabaseError, MultiBackendJobManager, ParquetJobDatabase, create_job_db
 
@@ -348,9 +348,6 @@ def test_429_and_transient_outage_are_survived(openeo_simulator, tmp_path):
 
 def test_process_based_job_creator(openeo_simulator, tmp_path):
     """openeo's ProcessBasedJobCreator as start_job, with the UDP served over real HTTP."""
-    import http.server
-    import socketserver
-
     from openeo.extra.job_management.process_based import ProcessBasedJobCreator
 
     udp = {
@@ -370,26 +367,11 @@ def test_process_based_job_creator(openeo_simulator, tmp_path):
             "n": {"process_id": "constant", "arguments": {"x": {"from_parameter": "west"}}, "result": True}
         },
     }
-    body = json.dumps(udp).encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    with socketserver.TCPServer(("127.0.0.1", 0), Handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        namespace = f"http://127.0.0.1:{server.server_address[1]}/ndvi_tile.json"
+    with static_server(json.dumps(udp).encode(), "application/json") as root:
+        namespace = f"{root}ndvi_tile.json"
         creator = ProcessBasedJobCreator(process_id="ndvi_tile", namespace=namespace)
         manager = manager_for(openeo_simulator, root_dir=tmp_path, download_results=False)
         manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(3), start_job=creator)
-        server.shutdown()
 
     df = pd.read_csv(tmp_path / "jobs.csv")
     assert list(df["status"]) == ["finished"] * 3
