@@ -26,6 +26,7 @@ from prefect_openeo.manager import MultiBackendJobManager
 from prefect_openeo.states import Status
 
 if TYPE_CHECKING:
+    from prefect_openeo.blocks import OpenEOBackend
     from prefect_openeo.flows import run_openeo_jobs
     from prefect_openeo.jobdb.sql import SqlJobDatabase
 
@@ -38,6 +39,7 @@ __all__ = [
     "JobDatabaseError",
     "JobDatabaseInterface",
     "MultiBackendJobManager",
+    "OpenEOBackend",
     "ParquetJobDatabase",
     "ProcessBasedJobCreator",
     "SqlJobDatabase",
@@ -48,7 +50,18 @@ __all__ = [
 ]
 
 
+_LAZY = ("run_openeo_jobs", "SqlJobDatabase", "OpenEOBackend")
+
+
+def __dir__() -> list[str]:  # lets `prefect block register -m prefect_openeo` find the blocks
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def __getattr__(name: str) -> Any:
+    if name == "OpenEOBackend":  # imports Prefect
+        from prefect_openeo.blocks import OpenEOBackend
+
+        return OpenEOBackend
     if name == "run_openeo_jobs":
         from prefect_openeo.flows import run_openeo_jobs
 

@@ -33,12 +33,16 @@ def load_callable(spec: str | Callable) -> Callable:
     return target
 
 
-def connect(
-    spec: Connection | str | Mapping | Callable[[], Connection],
-) -> Connection | Callable[[], Connection]:
-    """A backend given as a Connection, a callable, a URL, or ``{"url": ..., "username": ..., "password": ...}``."""
+BLOCK_PREFIX = "block:"
+
+
+def connect(spec: Connection | str | Mapping | Callable[[], Connection]) -> Connection | Callable[[], Connection]:
+    """A backend given as a Connection, a callable, a URL, ``"block:NAME"`` (an ``OpenEOBackend`` block),
+    or ``{"url": ..., "username": ..., "password": ...}``."""
     if isinstance(spec, Connection) or callable(spec):
         return spec
+    if isinstance(spec, str) and spec.startswith(BLOCK_PREFIX):
+        return load_block(spec).get_connection
     if isinstance(spec, str):
         return lambda: openeo.connect(spec)
     if isinstance(spec, Mapping) and "url" in spec:
@@ -53,6 +57,13 @@ def connect(
 
         return make
     raise ValueError(f"Cannot make a backend connection from {spec!r}")
+
+
+def load_block(spec: str):
+    """The ``OpenEOBackend`` block named in ``"block:NAME"``."""
+    from prefect_openeo.blocks import OpenEOBackend
+
+    return OpenEOBackend.load(spec[len(BLOCK_PREFIX) :])
 
 
 @flow(name="run-openeo-jobs", log_prints=True, validate_parameters=False)
@@ -70,8 +81,8 @@ def run_openeo_jobs(
     """Run one openEO batch job per row of a job database, across backends, until every row ended.
 
     :param job_db: a CSV/Parquet path or a ``JobDatabaseInterface``; resumed when it exists.
-    :param backends: backend name -> ``Connection``, URL, or ``{"url", "username", "password"}``;
-        filled in this order.
+    :param backends: backend name -> ``Connection``, URL, ``"block:NAME"`` of an ``OpenEOBackend`` block, or
+        ``{"url", "username", "password"}``; filled in this order.
     :param start_job: the callback that creates one row's job (a callable, ``"module:function"``,
         or a ``ProcessBasedJobCreator``).
     :param parallel_jobs: jobs active at once per backend (one int for all, or per backend name).
@@ -88,6 +99,12 @@ def run_openeo_jobs(
         cancel_running_job_after=cancel_running_job_after,
     )
     for name, spec in backends.items():
+        if isinstance(spec, str) and spec.startswith(BLOCK_PREFIX):
+            block = load_block(spec)  # its parallel_jobs, unless given per backend name
+            slots = parallel_jobs.get(name, block.parallel_jobs) if isinstance(parallel_jobs, Mapping) else None
+            slots = block.parallel_jobs if slots is None else slots
+            manager.add_backend(name, connection=block.get_connection, parallel_jobs=slots)
+            continue
         slots = parallel_jobs.get(name, 2) if isinstance(parallel_jobs, Mapping) else parallel_jobs
         manager.add_backend(name, connection=connect(spec), parallel_jobs=slots)
     stats = manager.run_jobs(df=df, start_job=load_callable(start_job), job_db=job_db)

@@ -20,6 +20,7 @@ from prefect.artifacts import (
 )
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
+from prefect.events import emit_event
 from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
 
 from prefect_openeo.engine import Observer
@@ -101,6 +102,7 @@ class PrefectObserver(Observer):
     def row_status(self, index: Any, row: pd.Series, status: str) -> None:
         message = row.get("message") if hasattr(row, "get") else None
         state = prefect_state(status, message if isinstance(message, str) else None)
+        self._emit(index, row, status)
         try:
             task_run_id = self._task_runs.get(index)
             if task_run_id is None:
@@ -119,6 +121,34 @@ class PrefectObserver(Observer):
                 self._client.set_task_run_state(task_run_id, state, force=True)
         except Exception as e:  # the UI is a view: never let it break the run
             _log.warning(f"Could not update the Prefect state of row {index}: {e!r}")
+
+    def _emit(self, index: Any, row: pd.Series, status: str) -> None:
+        """An event per job transition, for Automations: ``openeo.job.<status>`` about
+        ``openeo.job.<backend>.<job id>``."""
+        backend = str(row.get("backend_name") or "none")
+        job_id = row.get("id")
+        job_id = job_id if isinstance(job_id, str) and job_id else f"row-{index}"
+        related = []
+        if self.flow_run_id is not None:
+            related.append(
+                {"prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}", "prefect.resource.role": "flow-run"}
+            )
+        try:
+            emit_event(
+                event=f"openeo.job.{status}",
+                resource={
+                    "prefect.resource.id": f"openeo.job.{backend}.{job_id}",
+                    "prefect.resource.name": f"row {index} @ {backend}",
+                    "openeo.row": str(index),
+                    "openeo.backend": backend,
+                    "openeo.job_id": job_id,
+                    "openeo.status": status,
+                },
+                related=related,
+                payload={"message": row.get("message") if isinstance(row.get("message"), str) else None},
+            )
+        except Exception as e:
+            _log.warning(f"Could not emit the event of row {index}: {e!r}")
 
     def sweep_done(self, job_db: JobDatabaseInterface, stats: dict) -> None:
         histogram = job_db.count_by_status()

@@ -182,3 +182,83 @@ def test_example_flow_tiles_an_area_and_runs_it(openeo_simulator, tmp_path):
     assert stats["job finished"] == len(df) == openeo_simulator.created_count()
     again = module.tile_and_run(**params)
     assert again.get("start_job call", 0) == 0 and openeo_simulator.created_count() == len(df)
+
+
+def test_blocks_events_and_block_backends(openeo_simulator, tmp_path):
+    """An OpenEOBackend block (basic auth, secret stored) as the flow's backend; an event per transition."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    from prefect_openeo import OpenEOBackend
+    from prefect_openeo.flows import run_openeo_jobs
+
+    openeo_simulator.config.require_auth = True
+    OpenEOBackend(url=openeo_simulator.url, auth="basic", username="user", password="password", parallel_jobs=3).save(
+        "sim-test", overwrite=True
+    )
+    loaded = OpenEOBackend.load("sim-test")
+    assert loaded.password.get_secret_value() == "password" and "password=SecretStr('**********')" in repr(loaded)
+
+    state = run_openeo_jobs(
+        job_db=str(tmp_path / "jobs.csv"),
+        backends={"sim": "block:sim-test"},
+        start_job=ndvi_job,
+        poll_sleep=0.1,
+        root_dir=str(tmp_path),
+        df=tiles_df(3),
+        return_state=True,
+    )
+    assert state.is_completed(), state
+    assert {job["user"] for job in openeo_simulator.jobs()} == {"user"}
+    flow_run_id = str(state.state_details.flow_run_id)
+    job_ids = set(pd.read_csv(tmp_path / "jobs.csv")["id"])
+
+    events = []
+    with get_client(sync_client=True) as client:
+        for _ in range(50):  # events arrive asynchronously
+            response = client._client.post(
+                "/events/filter",
+                json={
+                    "filter": {
+                        "event": {"prefix": ["openeo.job."]},
+                        "related": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+                    },
+                    "limit": 50,
+                },
+            )
+            response.raise_for_status()
+            events = response.json()["events"]
+            if sum(e["event"] == "openeo.job.finished" for e in events) >= 3:
+                break
+            time.sleep(0.2)
+    finished = {e["resource"]["openeo.job_id"] for e in events if e["event"] == "openeo.job.finished"}
+    assert finished == job_ids
+    for event in events:
+        resource = event["resource"]
+        assert resource["prefect.resource.id"] == f"openeo.job.sim.{resource['openeo.job_id']}"
+        assert resource["openeo.backend"] == "sim" and resource["openeo.status"] == event["event"].split(".")[-1]
+    assert {"openeo.job.created", "openeo.job.queued", "openeo.job.finished"} <= {e["event"] for e in events}
+
+
+def test_prefect_block_register_finds_the_blocks():
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    out = subprocess.run(
+        [sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_openeo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "openEO Backend" in out.stdout
+    with get_client(sync_client=True) as client:
+        block_type = client.read_block_type_by_slug("openeo-backend")
+    assert block_type.name == "openEO Backend"
