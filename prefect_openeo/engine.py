@@ -30,7 +30,7 @@ from openeo.util import rfc3339
 from prefect_openeo import steps as plain_steps
 from prefect_openeo.backends import TOKEN_PREFIX
 from prefect_openeo.lanes import MESSAGE_COLUMN, BackendWork, Hook, Lane, LaneResult, blank, set_cell
-from prefect_openeo.states import ACTIVE, Event
+from prefect_openeo.states import ACTIVE, TERMINAL, Event
 
 if TYPE_CHECKING:
     from prefect_openeo.manager import MultiBackendJobManager
@@ -48,7 +48,7 @@ RETRY_AFTER_COLUMN = "retry_after"
 #: Longest a sweep waits for a backend's lane before going on without it (seconds).
 LANE_WAIT = 10.0
 
-__all__ = ["JobEngine", "Observer", "Steps", "set_cell", "MESSAGE_COLUMN", "TOKEN_COLUMN"]
+__all__ = ["JobEngine", "Observer", "SlotGate", "Steps", "set_cell", "MESSAGE_COLUMN", "TOKEN_COLUMN"]
 
 
 @dataclass
@@ -61,6 +61,23 @@ class Steps:
     cancel_job: Callable = plain_steps.cancel_job
     download_results: Callable = plain_steps.download_results
     fetch_error_logs: Callable = plain_steps.fetch_error_logs
+
+
+class SlotGate:
+    """Slots shared beyond this run (e.g. Prefect global concurrency limits). The default grants all."""
+
+    def acquire(self, backend: str, indices: list) -> list:
+        """The rows among ``indices`` (in order) that may be created on ``backend`` now."""
+        return indices
+
+    def release(self, index: Any) -> None:  # noqa: B027
+        """Row ``index`` ended (or was not created): give its slot back."""
+
+    def renew(self) -> None:  # noqa: B027
+        """Called once per sweep: keep the slots of active jobs."""
+
+    def close(self) -> None:  # noqa: B027
+        """The run ends: give every slot back."""
 
 
 class Observer:
@@ -90,6 +107,7 @@ class JobEngine:
     #: Whether ``should_stop`` may become true while sleeping (a background thread).
     stoppable: bool = False
     lane_wait: float = LANE_WAIT
+    gate: SlotGate = field(default_factory=SlotGate)
 
     def __post_init__(self) -> None:
         #: Hooks owed per backend, handed to its lane with its next work.
@@ -122,8 +140,10 @@ class JobEngine:
                 self.stats["run_jobs loop"] += 1
                 _log.info(f"Job status histogram: {self.job_db.count_by_status()}. Run stats: {dict(self.stats)}")
                 self.observer.sweep_done(self.job_db, self.stats)
+                self.gate.renew()
                 self._sleep()
         finally:
+            self.gate.close()
             if self._shared and not any(lane.busy() for lane in self._lanes.values()):
                 self.job_db.release()
             self.observer.run_done(self.job_db, self.stats, dict(self._problems))
@@ -215,6 +235,8 @@ class JobEngine:
         self._problems.update(result.problems)
         for index, status in result.notes:
             self.observer.row_status(index, result.rows.loc[index], status)
+            if status in TERMINAL:
+                self.gate.release(index)
         kinds = {Event.FINISHED: "done", Event.FAILED: "error", Event.CANCELED: "cancel"}
         for event, index in result.events:
             if event in kinds:
@@ -240,7 +262,12 @@ class JobEngine:
             if planned.empty:
                 return {}
             by_backend = planned.pop("planned_backend")
-            return {name: planned[by_backend == name] for name in self.manager.backends if (by_backend == name).any()}
+            claimed = {name: list(planned.index[by_backend == name]) for name in self.manager.backends}
+            plan = {name: self.gate.acquire(name, rows) for name, rows in claimed.items() if rows}
+            refused = [i for name, rows in claimed.items() for i in rows if i not in set(plan.get(name, []))]
+            if refused:
+                self.job_db.unclaim(refused)
+            return {name: planned.loc[rows] for name, rows in plan.items() if rows}
         counts = active.groupby("backend_name").size().to_dict()
         free = {
             name: (b.slots() - counts.get(name, 0) if idle[name] else 0) for name, b in self.manager.backends.items()
@@ -250,6 +277,7 @@ class JobEngine:
             return {}
         candidates = self.job_db.get_by_status(statuses=["not_started"], max=max(200, 4 * total_free))
         plan = assign_rows(candidates, free, list(self.manager.backends))
+        plan = {name: granted for name, rows in plan.items() if (granted := self.gate.acquire(name, rows))}
         if not plan:
             return {}
         planned = candidates.loc[[i for name in self.manager.backends for i in plan.get(name, [])]].copy()

@@ -77,6 +77,7 @@ def run_openeo_jobs(
     download_results: bool = True,
     cancel_running_job_after: int | None = None,
     df: pd.DataFrame | None = None,
+    global_concurrency: bool = True,
 ) -> dict:
     """Run one openEO batch job per row of a job database, across backends, until every row ended.
 
@@ -87,6 +88,9 @@ def run_openeo_jobs(
         or a ``ProcessBasedJobCreator``).
     :param parallel_jobs: jobs active at once per backend (one int for all, or per backend name).
     :param df: rows to initialize a new job database with.
+    :param global_concurrency: also hold every job's slot in the Prefect global concurrency limit
+        ``openeo-<backend>`` (created with ``parallel_jobs`` if missing), so that several flow runs and
+        deployments together never exceed a backend's budget.
     :return: the run stats, as openeo's ``MultiBackendJobManager.run_jobs``.
     """
     logger = get_run_logger()
@@ -98,6 +102,7 @@ def run_openeo_jobs(
         download_results=download_results,
         cancel_running_job_after=cancel_running_job_after,
     )
+    manager.global_concurrency = global_concurrency
     for name, spec in backends.items():
         if isinstance(spec, str) and spec.startswith(BLOCK_PREFIX):
             block = load_block(spec)  # its parallel_jobs, unless given per backend name

@@ -22,7 +22,7 @@ from openeo.extra.job_management import JobDatabaseInterface
 from openeo.extra.job_management._manager import MultiBackendJobManager as _UpstreamManager
 
 from prefect_openeo.backends import Backend
-from prefect_openeo.engine import JobEngine, Observer, Steps, cancel_after
+from prefect_openeo.engine import JobEngine, Observer, SlotGate, Steps, cancel_after
 from prefect_openeo.jobdb.files import JobDatabaseError, resolve_job_db
 
 _log = logging.getLogger("prefect_openeo")
@@ -142,12 +142,16 @@ class MultiBackendJobManager:
         return job_db
 
     def _engine(self, job_db: JobDatabaseInterface, start_job: Callable, should_stop=None) -> JobEngine:
-        steps, observer = Steps(), Observer()
+        steps, observer, gate = Steps(), Observer(), SlotGate()
         if in_flow_run():
             from prefect_openeo.observe import PrefectObserver
             from prefect_openeo.tasks import prefect_steps
 
             steps, observer = prefect_steps(), PrefectObserver(self)
+            if self.global_concurrency:
+                from prefect_openeo.limits import GlobalConcurrencyGate
+
+                gate = GlobalConcurrencyGate({name: b.parallel_jobs for name, b in self.backends.items()})
         self._active_steps = steps
         return JobEngine(
             manager=self,
@@ -158,6 +162,7 @@ class MultiBackendJobManager:
             stats=self.stats,
             should_stop=should_stop or (lambda: False),
             stoppable=should_stop is not None,
+            gate=gate,
         )
 
     def start_job_thread(self, start_job: Callable[..., BatchJob | None], job_db: JobDatabaseInterface) -> None:
@@ -211,6 +216,9 @@ class MultiBackendJobManager:
         """A job was canceled. Default: nothing."""
 
     _active_steps: Steps | None = None
+    #: Inside a flow run: hold each backend's slots in the Prefect global concurrency limit
+    #: ``openeo-<backend>`` too, so several flow runs together stay within it (see ``prefect_openeo.limits``).
+    global_concurrency: bool = False
 
     # -- paths ------------------------------------------------------------------------------------
     def get_job_dir(self, job_id: str) -> Path:

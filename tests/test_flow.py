@@ -262,3 +262,53 @@ def test_prefect_block_register_finds_the_blocks():
     with get_client(sync_client=True) as client:
         block_type = client.read_block_type_by_slug("openeo-backend")
     assert block_type.name == "openEO Backend"
+
+
+def test_two_flow_runs_share_a_backends_global_concurrency_limit(openeo_simulator, tmp_path):
+    """Each flow run may keep 2 jobs active on the backend; together they must stay within the limit (2)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from prefect_openeo.limits import limit_name
+
+    openeo_simulator.config.run_duration = 2.0
+    worker = Path(__file__).parent / "flow_worker.py"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    dbs = []
+    for n in range(2):
+        path = tmp_path / f"jobs{n}.csv"
+        create_job_db(path, tiles_df(5))
+        dbs.append(path)
+    runs = [
+        subprocess.Popen([sys.executable, str(worker), str(db), openeo_simulator.url], env=env, stderr=subprocess.PIPE)
+        for db in dbs
+    ]
+    for run in runs:
+        _, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err.decode()[-3000:]
+    for db in dbs:
+        assert set(pd.read_csv(db)["status"]) == {"finished"}
+    jobs = openeo_simulator.jobs()
+    assert len(jobs) == 10
+    events = sorted(
+        [(j["created_at"], 1) for j in jobs] + [(j["ended_at"], -1) for j in jobs], key=lambda e: (e[0], e[1])
+    )
+    peak = current = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    assert peak <= 2, "two flow runs together exceeded the backend's global concurrency limit"
+    by_id = {j["id"]: j for j in jobs}
+    spans = []
+    for db in dbs:
+        mine = [by_id[i] for i in pd.read_csv(db)["id"]]
+        spans.append((min(j["created_at"] for j in mine), max(j["ended_at"] for j in mine)))
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], "the two runs must have run at the same time"
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(limit_name("sim"))
+    assert limit.limit == 2 and limit.active_slots == 0  # every slot was given back

@@ -387,6 +387,17 @@ class SqlJobDatabase(JobDatabaseInterface):
         out["planned_backend"] = [b for _, b in chosen]
         return out
 
+    def unclaim(self, indices: Iterable[Any]) -> None:
+        """Give back claimed ``not_started`` rows this worker will not create after all."""
+        t = self.table
+        indices = [_plain(i) for i in indices]
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(t)
+                .where(t.c.idx.in_(indices), t.c.owner == self.worker_id, t.c.status == "not_started")
+                .values(owner=None, lease_until=None, planned_backend=None, create_token=None)
+            )
+
     def stale_creations(self) -> pd.DataFrame:
         """``not_started`` rows with a creation token that no live worker holds (a crashed creation)."""
         t = self.table
