@@ -1,0 +1,171 @@
+"""End to end on a real `prefect server`: blocks registered, a deployment served, triggered with
+run_deployment, checked through the API (state, artifacts, events); on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from prefect_openeo import create_job_db
+from prefect_openeo.demo import demo_tiles
+
+pytestmark = pytest.mark.timeout(600)
+
+SERVE = """
+import sys
+from prefect_openeo.flows import run_openeo_jobs
+run_openeo_jobs.serve(name="e2e", limit=2)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited: {proc.stderr.read().decode()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("prefect server did not become healthy")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def prefect_server(request, tmp_path):
+    """`prefect server start` in a subprocess, on SQLite or on this machine's PostgreSQL (a database of its own)."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    database = None
+    if request.param == "postgresql":
+        database = f"prefect_e2e_{os.getpid()}_{int(time.time())}"
+        engine = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
+        except Exception as e:
+            pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {e}")
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(url, proc)
+        yield url, env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if database:
+            with engine.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            engine.dispose()
+
+
+def test_served_deployment_with_blocks_artifacts_and_events(prefect_server, openeo_simulator, tmp_path):
+    api_url, server_env = prefect_server
+    env = {**server_env, "PREFECT_API_URL": api_url}
+    register = subprocess.run(
+        [sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_openeo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert register.returncode == 0, register.stdout + register.stderr
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from prefect_openeo.blocks import OpenEOBackend
+
+    openeo_simulator.config.require_auth = True
+    job_db = tmp_path / "jobs.parquet"
+    create_job_db(job_db, demo_tiles(4))
+    server = subprocess.Popen([sys.executable, "-c", SERVE], env=env, stderr=subprocess.PIPE)
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            OpenEOBackend(url=openeo_simulator.url, auth="basic", username="user", password="password").save("sim")
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    try:
+                        client.read_deployment_by_name("run-openeo-jobs/e2e")
+                        break
+                    except Exception:
+                        assert server.poll() is None, server.stderr.read().decode()[-3000:]
+                        time.sleep(0.5)
+            flow_run = run_deployment(
+                "run-openeo-jobs/e2e",
+                parameters={
+                    "job_db": str(job_db),
+                    "backends": {"sim": "block:sim"},
+                    "start_job": "prefect_openeo.demo:create_ndvi_job",
+                    "parallel_jobs": 2,
+                    "poll_sleep": 0.2,
+                    "root_dir": str(tmp_path / "results"),
+                },
+                timeout=300,
+            )
+            assert flow_run.state.is_completed(), flow_run.state
+            df = pd.read_parquet(job_db)
+            assert set(df["status"]) == {"finished"}
+            assert {j["user"] for j in openeo_simulator.jobs()} == {"user"}
+
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+            with get_client(sync_client=True) as client:
+                artifacts = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+                )
+                kinds = {a.type for a in artifacts}
+                assert {"progress", "table", "markdown"} <= kinds, kinds
+                events = []
+                for _ in range(50):
+                    response = client._client.post(
+                        "/events/filter",
+                        json={
+                            "filter": {
+                                "event": {"name": ["openeo.job.finished"]},
+                                "related": {"id": [f"prefect.flow-run.{flow_run.id}"]},
+                            },
+                            "limit": 50,
+                        },
+                    )
+                    response.raise_for_status()
+                    events = response.json()["events"]
+                    if len(events) >= 4:
+                        break
+                    time.sleep(0.2)
+                assert {e["resource"]["openeo.job_id"] for e in events} == set(df["id"])
+    finally:
+        server.terminate()
+        server.wait(30)
