@@ -66,7 +66,48 @@ def load_block(spec: str):
     return OpenEOBackend.load(spec[len(BLOCK_PREFIX) :])
 
 
-@flow(name="run-openeo-jobs", log_prints=True, validate_parameters=False)
+def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
+    """``on_cancellation`` hook: with ``cancel_backend_jobs=True``, cancel the run's active backend jobs too
+    and mark their rows ``canceled``. Without it, active rows stay as they are and a later run tracks them
+    (the job database is always consistent: every write is atomic)."""
+    import logging
+
+    from openeo.extra.job_management import JobDatabaseInterface
+
+    from prefect_openeo.jobdb import resolve_job_db
+    from prefect_openeo.lanes import blank, set_cell
+    from prefect_openeo.states import ACTIVE
+
+    log = logging.getLogger("prefect_openeo")
+    params = flow_run.parameters or {}
+    if not params.get("cancel_backend_jobs"):
+        return
+    job_db = params.get("job_db")
+    if not isinstance(job_db, (str, JobDatabaseInterface)):
+        log.warning("cancel_backend_jobs: the job database is not known to the hook")
+        return
+    db = resolve_job_db(job_db)
+    rows = db.get_by_status(statuses=list(ACTIVE)).copy()
+    backends = {name: connect(spec) for name, spec in (params.get("backends") or {}).items()}
+    connections: dict[str, Connection] = {}
+    for index, row in rows.iterrows():
+        name, job_id = row.get("backend_name"), row.get("id")
+        if blank(job_id) or name not in backends:
+            continue
+        try:
+            if name not in connections:
+                spec = backends[name]
+                connections[name] = spec if isinstance(spec, Connection) else spec()
+            connections[name].job(job_id).stop()
+            rows.at[index, "status"] = "canceled"
+            set_cell(rows, index, "message", "canceled with its flow run")
+        except Exception as e:
+            log.warning(f"Could not cancel job {job_id} on {name}: {e!r}")
+    db.persist(rows)
+    log.info(f"Canceled {(rows['status'] == 'canceled').sum()} backend job(s) with the flow run")
+
+
+@flow(name="run-openeo-jobs", log_prints=True, validate_parameters=False, on_cancellation=[cancel_backend_jobs])
 def run_openeo_jobs(
     job_db: Any,
     backends: Mapping[str, Any],
@@ -78,6 +119,7 @@ def run_openeo_jobs(
     cancel_running_job_after: int | None = None,
     df: pd.DataFrame | None = None,
     global_concurrency: bool = True,
+    cancel_backend_jobs: bool = False,
 ) -> dict:
     """Run one openEO batch job per row of a job database, across backends, until every row ended.
 
@@ -91,6 +133,8 @@ def run_openeo_jobs(
     :param global_concurrency: also hold every job's slot in the Prefect global concurrency limit
         ``openeo-<backend>`` (created with ``parallel_jobs`` if missing), so that several flow runs and
         deployments together never exceed a backend's budget.
+    :param cancel_backend_jobs: when the flow run is cancelled in Prefect, cancel its active backend jobs too
+        (and mark their rows ``canceled``); by default they keep running and a later run tracks them.
     :return: the run stats, as openeo's ``MultiBackendJobManager.run_jobs``.
     """
     logger = get_run_logger()

@@ -169,3 +169,66 @@ def test_served_deployment_with_blocks_artifacts_and_events(prefect_server, open
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.parametrize("prefect_server", ["sqlite"], indirect=True)
+def test_cancelling_the_flow_run_cancels_backend_jobs(prefect_server, openeo_simulator, tmp_path):
+    """Cancelled in Prefect with cancel_backend_jobs=True: active backend jobs are canceled, rows say so, the
+    job database stays whole."""
+    api_url, server_env = prefect_server
+    env = {**server_env, "PREFECT_API_URL": api_url}
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    openeo_simulator.config.run_duration = 120
+    job_db = tmp_path / "jobs.csv"
+    create_job_db(job_db, demo_tiles(5))
+    server = subprocess.Popen([sys.executable, "-c", SERVE], env=env, stderr=subprocess.PIPE)
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    try:
+                        client.read_deployment_by_name("run-openeo-jobs/e2e")
+                        break
+                    except Exception:
+                        time.sleep(0.5)
+                flow_run = run_deployment(
+                    "run-openeo-jobs/e2e",
+                    parameters={
+                        "job_db": str(job_db),
+                        "backends": {"sim": openeo_simulator.url},
+                        "start_job": "prefect_openeo.demo:create_ndvi_job",
+                        "parallel_jobs": 3,
+                        "poll_sleep": 0.2,
+                        "cancel_backend_jobs": True,
+                        "download_results": False,
+                    },
+                    timeout=0,
+                )
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    statuses = set(pd.read_csv(job_db)["status"])
+                    if "running" in statuses:
+                        break
+                    time.sleep(0.2)
+                assert "running" in statuses
+                client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    state = client.read_flow_run(flow_run.id).state
+                    df = pd.read_csv(job_db)
+                    if state.is_cancelled() and (df["status"] == "canceled").sum() == 3:
+                        break
+                    time.sleep(0.5)
+        assert state.is_cancelled(), state
+        assert len(df) == 5
+        assert list(df["status"]).count("canceled") == 3 and list(df["status"]).count("not_started") == 2
+        assert df.loc[df["status"] == "canceled", "message"].eq("canceled with its flow run").all()
+        assert sorted(j["status"] for j in openeo_simulator.jobs()) == ["canceled"] * 3
+    finally:
+        server.terminate()
+        server.wait(30)
