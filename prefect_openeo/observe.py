@@ -24,6 +24,7 @@ from prefect.events import emit_event
 from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
 
 from prefect_openeo.engine import Observer
+from prefect_openeo.report import usage_number
 from prefect_openeo.states import ALL, TERMINAL
 
 if TYPE_CHECKING:
@@ -74,9 +75,15 @@ def status_table(df: pd.DataFrame) -> list[dict]:
     for name, row in counts.iterrows():
         record: dict[str, Any] = {"backend": name}
         record.update({s: int(row.get(s, 0)) for s in ALL if row.get(s, 0)})
+        mine = df[backend == name]
         if "costs" in df.columns:
-            costs = pd.to_numeric(df.loc[backend == name, "costs"], errors="coerce").sum()
-            record["costs"] = round(float(costs), 3)
+            record["costs"] = round(float(pd.to_numeric(mine["costs"], errors="coerce").sum()), 3)
+        for column in ("cpu", "memory", "duration"):  # usage so far, e.g. "1234.5 cpu-seconds"
+            if column in df.columns and mine[column].notna().any():
+                values = mine[column].dropna()
+                unit = next((str(v).split(" ", 1)[1] for v in values if " " in str(v)), "")
+                total = sum(n for n in (usage_number(v) for v in values) if n is not None)
+                record[column] = f"{total:g} {unit}".strip()
         records.append(record)
     return records
 

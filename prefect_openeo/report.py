@@ -25,7 +25,8 @@ STATUS_COLORS = {
 }
 
 
-def _number(text: Any) -> float | None:
+def usage_number(text: Any) -> float | None:
+    """The number in a usage cell such as ``"1234.5 cpu-seconds"``."""
     if text is None or (isinstance(text, float) and pd.isna(text)):
         return None
     if isinstance(text, (int, float)):
@@ -47,7 +48,7 @@ def summary(df: pd.DataFrame) -> dict[str, Any]:
     for column in ("cpu", "memory", "duration"):
         if column in df.columns:
             values = df[column].dropna()
-            usage[column] = round(sum(v for v in (_number(x) for x in values) if v is not None), 3)
+            usage[column] = round(sum(v for v in (usage_number(x) for x in values) if v is not None), 3)
             unit = next((str(x).split(" ", 1)[1] for x in values if " " in str(x)), "")
             units[column] = unit
     costs = round(float(pd.to_numeric(df.get("costs"), errors="coerce").sum()), 3) if "costs" in df.columns else 0.0
@@ -131,7 +132,7 @@ def plot_timeline(df: pd.DataFrame, path: str | Path, *, width: int = 1000, heig
             s = start[index]
             r = running[index] if pd.notna(running[index]) else None
             colour = STATUS_COLORS.get(row["status"], "#000000")
-            ran = _number(row.get("duration"))  # usage "123 seconds", known once a job ended
+            ran = usage_number(row.get("duration"))  # usage "123 seconds", known once a job ended
             stop = end if row["status"] in ACTIVE else (r + pd.Timedelta(seconds=ran or 1) if r is not None else s)
             ax.barh(y, max(0.5, seconds(r or stop) - seconds(s)), left=seconds(s), color="#c6dbef", height=0.8)
             if r is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 
 import openeo
 import pandas as pd
@@ -76,6 +77,11 @@ def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_fac
     assert by_type["progress"] and by_type["progress"][-1].data == 100.0
     tables = by_type["table"]
     assert tables and any("finished" in str(t.data) for t in tables)
+    final_table = json.loads(max(tables, key=lambda t: t.created).data)
+    by_backend = {r["backend"]: r for r in final_table}
+    for name, group in df.groupby("backend_name"):
+        assert by_backend[name]["costs"] == pytest.approx(group["costs"].sum())
+        assert by_backend[name]["cpu"].endswith(" cpu-seconds")
     (summary,) = [a for a in by_type["markdown"] if a.key.endswith("-summary")]
     assert "# openEO job run" in summary.data
     (pictures,) = [a for a in by_type["markdown"] if a.key.endswith("-pictures")]
