@@ -174,7 +174,7 @@ class JobEngine:
 
     def iteration(self) -> None:
         """One sweep: collect finished lanes, plan, dispatch every idle backend's work, collect, retry."""
-        self._collect(wait=0)
+        self._collect()
         rows = self.job_db.claim_active() if self._shared else self.job_db.get_by_status(statuses=list(ACTIVE))
         active = self._orphans(rows)
         plan = self._plan(active)
@@ -192,7 +192,7 @@ class JobEngine:
             submitted.append(lane.submit(BackendWork(self, backend, mine, new, hooks)))
         if submitted:
             concurrent.futures.wait(submitted, timeout=self.lane_wait)
-        self._collect(wait=0)
+        self._collect()
         self._schedule_retries()
 
     def _orphans(self, active: pd.DataFrame) -> pd.DataFrame:
@@ -211,7 +211,7 @@ class JobEngine:
         return active[~lost]
 
     # -- lanes ------------------------------------------------------------------------------------
-    def _collect(self, wait: float) -> None:
+    def _collect(self) -> None:
         """Apply the results of finished lanes: persist, report, queue hooks; re-raise what must stop."""
         errors = []
         for lane in self._lanes.values():
