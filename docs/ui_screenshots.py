@@ -8,48 +8,20 @@ and the job-status table artifact. Needs Debian's `chromium` and `chromium-drive
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 HERE = Path(__file__).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
+    from prefect_openeo.testing import local_prefect_server
+
     home = tempfile.mkdtemp(prefix="prefect-ui-")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": home,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        os.environ.update(PREFECT_HOME=home, PREFECT_API_URL=f"{base}/api")
+    with local_prefect_server(home, ui=True) as (api_url, _):
+        base = api_url.removesuffix("/api")
+        os.environ.update(PREFECT_HOME=home, PREFECT_API_URL=api_url)
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -84,8 +56,16 @@ def main() -> None:
 
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
-        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1500,1000"):
+        for flag in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--window-size=1500,1000",
+        ):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         try:
@@ -101,9 +81,6 @@ def main() -> None:
                 print(f"docs/images/{name}.png")
         finally:
             driver.quit()
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,24 @@ def static_server(body: bytes, content_type: str):
             yield f"http://127.0.0.1:{server.server_address[1]}/"
         finally:
             server.shutdown()
+
+
+def job_events(client, flow_run_id, event_filter: dict, enough) -> list[dict]:
+    """Events related to a flow run (they arrive asynchronously: poll until ``enough(events)``, up to 10 s)."""
+    import time
+
+    events: list[dict] = []
+    for _ in range(50):
+        response = client._client.post(
+            "/events/filter",
+            json={
+                "filter": {"event": event_filter, "related": {"id": [f"prefect.flow-run.{flow_run_id}"]}},
+                "limit": 50,
+            },
+        )
+        response.raise_for_status()
+        events = response.json()["events"]
+        if enough(events):
+            break
+        time.sleep(0.2)
+    return events

@@ -8,7 +8,7 @@ import json
 import openeo
 import pandas as pd
 import pytest
-from conftest import ndvi_job, tiles_df
+from conftest import job_events, ndvi_job, tiles_df
 
 from prefect_openeo import MultiBackendJobManager, create_job_db
 
@@ -192,8 +192,6 @@ def test_example_flow_tiles_an_area_and_runs_it(openeo_simulator, tmp_path):
 
 def test_blocks_events_and_block_backends(openeo_simulator, tmp_path):
     """An OpenEOBackend block (basic auth, secret stored) as the flow's backend; an event per transition."""
-    import time
-
     from prefect.client.orchestration import get_client
 
     from prefect_openeo import OpenEOBackend
@@ -220,24 +218,13 @@ def test_blocks_events_and_block_backends(openeo_simulator, tmp_path):
     flow_run_id = str(state.state_details.flow_run_id)
     job_ids = set(pd.read_csv(tmp_path / "jobs.csv")["id"])
 
-    events = []
     with get_client(sync_client=True) as client:
-        for _ in range(50):  # events arrive asynchronously
-            response = client._client.post(
-                "/events/filter",
-                json={
-                    "filter": {
-                        "event": {"prefix": ["openeo.job."]},
-                        "related": {"id": [f"prefect.flow-run.{flow_run_id}"]},
-                    },
-                    "limit": 50,
-                },
-            )
-            response.raise_for_status()
-            events = response.json()["events"]
-            if sum(e["event"] == "openeo.job.finished" for e in events) >= 3:
-                break
-            time.sleep(0.2)
+        events = job_events(
+            client,
+            flow_run_id,
+            {"prefix": ["openeo.job."]},
+            lambda ev: sum(e["event"] == "openeo.job.finished" for e in ev) >= 3,
+        )
     finished = {e["resource"]["openeo.job_id"] for e in events if e["event"] == "openeo.job.finished"}
     assert finished == job_ids
     for event in events:

@@ -4,18 +4,18 @@ run_deployment, checked through the API (state, artifacts, events); on SQLite an
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
-import httpx
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from conftest import job_events
 
 from prefect_openeo import create_job_db
 from prefect_openeo.demo import demo_tiles
+from prefect_openeo.testing import local_prefect_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -26,37 +26,10 @@ run_openeo_jobs.serve(name="e2e", limit=2)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited: {proc.stderr.read().decode()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("prefect server did not become healthy")
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def prefect_server(request, tmp_path):
     """`prefect server start` in a subprocess, on SQLite or on this machine's PostgreSQL (a database of its own)."""
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    database = None
+    extra, database = {}, None
     if request.param == "postgresql":
         database = f"prefect_e2e_{os.getpid()}_{int(time.time())}"
         engine = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT")
@@ -65,33 +38,31 @@ def prefect_server(request, tmp_path):
                 conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
         except Exception as e:
             pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {e}")
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}/api"
+        extra["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
     try:
-        wait_healthy(url, proc)
-        yield url, env
+        with local_prefect_server(str(tmp_path / "prefect-home"), extra_env=extra) as (api_url, env):
+            yield api_url, env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         if database:
             with engine.connect() as conn:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
             engine.dispose()
 
 
+def wait_for_deployment(client, name: str, server: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            client.read_deployment_by_name(name)
+            return
+        except Exception:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError(f"deployment {name} did not appear")
+
+
 def test_served_deployment_with_blocks_artifacts_and_events(prefect_server, openeo_simulator, tmp_path):
-    api_url, server_env = prefect_server
-    env = {**server_env, "PREFECT_API_URL": api_url}
+    api_url, env = prefect_server
     register = subprocess.run(
         [sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_openeo"],
         capture_output=True,
@@ -115,14 +86,7 @@ def test_served_deployment_with_blocks_artifacts_and_events(prefect_server, open
         with temporary_settings({PREFECT_API_URL: api_url}):
             OpenEOBackend(url=openeo_simulator.url, auth="basic", username="user", password="password").save("sim")
             with get_client(sync_client=True) as client:
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    try:
-                        client.read_deployment_by_name("run-openeo-jobs/e2e")
-                        break
-                    except Exception:
-                        assert server.poll() is None, server.stderr.read().decode()[-3000:]
-                        time.sleep(0.5)
+                wait_for_deployment(client, "run-openeo-jobs/e2e", server)
             flow_run = run_deployment(
                 "run-openeo-jobs/e2e",
                 parameters={
@@ -148,23 +112,7 @@ def test_served_deployment_with_blocks_artifacts_and_events(prefect_server, open
                 )
                 kinds = {a.type for a in artifacts}
                 assert {"progress", "table", "markdown"} <= kinds, kinds
-                events = []
-                for _ in range(50):
-                    response = client._client.post(
-                        "/events/filter",
-                        json={
-                            "filter": {
-                                "event": {"name": ["openeo.job.finished"]},
-                                "related": {"id": [f"prefect.flow-run.{flow_run.id}"]},
-                            },
-                            "limit": 50,
-                        },
-                    )
-                    response.raise_for_status()
-                    events = response.json()["events"]
-                    if len(events) >= 4:
-                        break
-                    time.sleep(0.2)
+                events = job_events(client, flow_run.id, {"name": ["openeo.job.finished"]}, lambda ev: len(ev) >= 4)
                 assert {e["resource"]["openeo.job_id"] for e in events} == set(df["id"])
     finally:
         server.terminate()
@@ -175,8 +123,7 @@ def test_served_deployment_with_blocks_artifacts_and_events(prefect_server, open
 def test_cancelling_the_flow_run_cancels_backend_jobs(prefect_server, openeo_simulator, tmp_path):
     """Cancelled in Prefect with cancel_backend_jobs=True: active backend jobs are canceled, rows say so, the
     job database stays whole."""
-    api_url, server_env = prefect_server
-    env = {**server_env, "PREFECT_API_URL": api_url}
+    api_url, env = prefect_server
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -189,13 +136,7 @@ def test_cancelling_the_flow_run_cancels_backend_jobs(prefect_server, openeo_sim
     try:
         with temporary_settings({PREFECT_API_URL: api_url}):
             with get_client(sync_client=True) as client:
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    try:
-                        client.read_deployment_by_name("run-openeo-jobs/e2e")
-                        break
-                    except Exception:
-                        time.sleep(0.5)
+                wait_for_deployment(client, "run-openeo-jobs/e2e", server)
                 flow_run = run_deployment(
                     "run-openeo-jobs/e2e",
                     parameters={

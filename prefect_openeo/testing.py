@@ -1,0 +1,60 @@
+"""Helpers to try flows against a real local Prefect server (tests, benchmarks, docs screenshots)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_prefect_server(
+    home: str, *, extra_env: dict[str, str] | None = None, ui: bool = False, timeout: float = 180
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """``prefect server start`` on 127.0.0.1 with its home (and SQLite database, unless ``extra_env`` names
+    another) in ``home``; yields the API URL and the environment for clients (``PREFECT_API_URL`` set)."""
+    import httpx
+
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
+    env["PREFECT_UI_API_URL"] = api_url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {proc.stderr.read().decode()[-3000:]}")
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not become healthy in {timeout:.0f} s")
+            time.sleep(0.5)
+        yield api_url, {**env, "PREFECT_API_URL": api_url}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
