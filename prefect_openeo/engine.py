@@ -89,8 +89,12 @@ class Observer:
     def sweep_done(self, job_db: JobDatabaseInterface, stats: dict) -> None:  # noqa: B027
         pass
 
-    def run_done(self, job_db: JobDatabaseInterface, stats: dict, problems: dict) -> None:  # noqa: B027
-        pass
+    def run_done(self, job_db: JobDatabaseInterface, stats: dict, problems: dict) -> None:
+        """Say which rows need attention (e.g. finished without results), and why."""
+        for index, message in list(problems.items())[:50]:
+            _log.warning(f"Row {index} needs attention: {message}")
+        if len(problems) > 50:
+            _log.warning(f"... and {len(problems) - 50} more rows need attention (see the 'message' column)")
 
 
 @dataclass
@@ -186,7 +190,9 @@ class JobEngine:
                 continue
             mine = active[active["backend_name"] == name].copy()
             new = plan.get(name, mine.iloc[0:0])
-            hooks, self._hooks[name] = self._hooks[name], []
+            sweep = self.stats["run_jobs loop"]
+            hooks = [h for h in self._hooks[name] if h.not_before <= sweep]
+            self._hooks[name] = [h for h in self._hooks[name] if h.not_before > sweep]
             if mine.empty and new.empty and not hooks:
                 continue
             submitted.append(lane.submit(BackendWork(self, backend, mine, new, hooks)))
@@ -247,6 +253,8 @@ class JobEngine:
                 self._problems.pop(hook.index, None)
             elif hook.attempts < HOOK_ATTEMPTS:
                 self._problems[hook.index] = hook.error
+                # Back off: after the n-th failed attempt, wait 2**n - 1 sweeps (1, 3, ...) before the next.
+                hook.not_before = self.stats["run_jobs loop"] + 2**hook.attempts - 1
                 self._hooks[result.backend].append(hook)
             else:
                 self._problems[hook.index] = hook.error

@@ -108,6 +108,8 @@ class Hook:
     row: pd.Series
     attempts: int = 0
     error: str | None = None
+    #: The sweep (``run_jobs loop`` count) before which a failed hook is not tried again (backoff).
+    not_before: int = 0
 
 
 @dataclass

@@ -282,7 +282,7 @@ def test_failing_hook_is_retried_then_recorded(openeo_simulator, tmp_path):
 
     class Flaky(MultiBackendJobManager):
         def on_job_done(self, job, row):
-            calls.append(job.job_id)
+            calls.append(self.stats["run_jobs loop"])
             raise OSError("disk full")
 
     manager = Flaky(poll_sleep=0.05, root_dir=tmp_path)
@@ -291,6 +291,8 @@ def test_failing_hook_is_retried_then_recorded(openeo_simulator, tmp_path):
     df = pd.read_csv(tmp_path / "jobs.csv")
     assert df.loc[0, "status"] == "finished"
     assert len(calls) == 3 and stats["on_job_done error"] == 3
+    first_gap, second_gap = calls[1] - calls[0], calls[2] - calls[1]
+    assert 1 <= first_gap < second_gap, calls  # retried on later sweeps, backing off
     assert "disk full" in df.loc[0, "message"]
 
 
