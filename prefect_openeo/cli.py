@@ -239,7 +239,9 @@ def _parse_value(value: str) -> Any:
 @app.command()
 def run(
     job_db: str = typer.Argument(..., help="Job database (path or SQLAlchemy URL)."),
-    backend: list[str] = typer.Option(..., "--backend", "-b", help="NAME=URL of an openEO backend (repeat)."),
+    backend: list[str] = typer.Option(
+        ..., "--backend", "-b", help="NAME=URL of an openEO backend, or NAME=block:BLOCK for an OpenEOBackend block."
+    ),
     start_job: str = typer.Option(None, help="Job callback as module:function."),
     process_id: str = typer.Option(None, help="Or: a parameterized process, filled from the row's columns."),
     namespace: str = typer.Option(None, help="Namespace (e.g. URL) of --process-id."),
@@ -256,7 +258,7 @@ def run(
     import openeo
 
     from prefect_openeo import MultiBackendJobManager
-    from prefect_openeo.flows import load_callable
+    from prefect_openeo.flows import BLOCK_PREFIX, load_block, load_callable
 
     backends = _pairs(backend, "--backend")
     db = _open_db(job_db)
@@ -274,6 +276,9 @@ def run(
             raise _fail(str(e)) from e
 
     def connector(url: str):
+        if url.startswith(BLOCK_PREFIX):  # an OpenEOBackend block saved on the Prefect server
+            return load_block(url).get_connection
+
         def make():
             connection = openeo.connect(url)
             if auth == "basic":

@@ -214,3 +214,31 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(area, tmp_path, openeo_simulat
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert set(gpd.read_parquet(db)["status"]) == {"finished"}
     assert openeo_simulator.created_count() == n  # the jobs of the interrupted run were tracked, not created again
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_run_with_a_backend_block(tmp_path, openeo_simulator):
+    from prefect_openeo import OpenEOBackend
+
+    openeo_simulator.config.require_auth = True
+    OpenEOBackend(url=openeo_simulator.url, auth="basic", username="user", password="password").save(
+        "cli-sim", overwrite=True
+    )
+    db = tmp_path / "jobs.csv"
+    pd.DataFrame({"status": ["not_started"] * 2, "west": [5.0, 5.1], "year": [2020, 2021]}).to_csv(db, index=False)
+    result = invoke(
+        "run",
+        db,
+        "-b",
+        "sim=block:cli-sim",
+        "--start-job",
+        "conftest:ndvi_job",
+        "--poll-sleep",
+        "0.1",
+        "--root-dir",
+        tmp_path / "results",
+        "--local",
+    )
+    assert result.exit_code == 0, result.output
+    assert set(pd.read_csv(db)["status"]) == {"finished"}
+    assert {job["user"] for job in openeo_simulator.jobs()} == {"user"}
