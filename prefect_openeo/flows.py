@@ -15,10 +15,22 @@ from prefect import flow, get_run_logger
 from prefect_openeo.manager import MultiBackendJobManager
 
 
-def load_callable(spec: str | Callable) -> Callable:
-    """A callable, or an import path ``"package.module:function"`` to one."""
+def load_callable(spec: str | Mapping | Callable) -> Callable:
+    """A callable; an import path ``"package.module:function"`` to one; or a ``ProcessBasedJobCreator``
+    spec: ``{"process_id": ..., "namespace": ..., "parameter_defaults": {...}, "parameter_column_map": {...}}``."""
     if callable(spec):
         return spec
+    if isinstance(spec, Mapping):
+        from openeo.extra.job_management.process_based import ProcessBasedJobCreator
+
+        allowed = {"process_id", "namespace", "parameter_defaults", "parameter_column_map"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown or not (spec.get("process_id") or spec.get("namespace")):
+            raise ValueError(
+                f"A ProcessBasedJobCreator spec needs process_id and/or namespace and only {sorted(allowed)}; "
+                f"got {dict(spec)!r}"
+            )
+        return ProcessBasedJobCreator(**dict(spec))
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"start_job must be a callable or 'module:function', got {spec!r}")
     module_name, _, attr = spec.partition(":")
@@ -126,8 +138,9 @@ def run_openeo_jobs(
     :param job_db: a CSV/Parquet path or a ``JobDatabaseInterface``; resumed when it exists.
     :param backends: backend name -> ``Connection``, URL, ``"block:NAME"`` of an ``OpenEOBackend`` block, or
         ``{"url", "username", "password"}``; filled in this order.
-    :param start_job: the callback that creates one row's job (a callable, ``"module:function"``,
-        or a ``ProcessBasedJobCreator``).
+    :param start_job: the callback that creates one row's job: a callable (e.g. a ``ProcessBasedJobCreator``),
+        ``"module:function"``, or a dict spec ``{"process_id", "namespace", "parameter_defaults",
+        "parameter_column_map"}`` of a ``ProcessBasedJobCreator`` (plain data, for deployments).
     :param parallel_jobs: jobs active at once per backend (one int for all, or per backend name).
     :param df: rows to initialize a new job database with.
     :param global_concurrency: also hold every job's slot in the Prefect global concurrency limit

@@ -305,3 +305,38 @@ def test_two_flow_runs_share_a_backends_global_concurrency_limit(openeo_simulato
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(limit_name("sim"))
     assert limit.limit == 2 and limit.active_slots == 0  # every slot was given back
+
+
+def test_flow_takes_a_process_based_job_creator_spec(openeo_simulator, tmp_path):
+    """start_job as plain data: a ProcessBasedJobCreator spec, the UDP served over real HTTP."""
+    import json as _json
+
+    from conftest import static_server
+
+    from prefect_openeo.flows import load_callable, run_openeo_jobs
+
+    udp = {
+        "id": "tile_ndvi",
+        "parameters": [
+            {"name": "west", "description": "west", "schema": {"type": "number"}},
+            {"name": "year", "description": "year", "schema": {"type": "integer"}},
+            {"name": "scale", "description": "scale", "schema": {"type": "number"}},
+        ],
+        "process_graph": {"n": {"process_id": "constant", "arguments": {"x": 1}, "result": True}},
+    }
+    with static_server(_json.dumps(udp).encode(), "application/json") as root:
+        spec = {"process_id": "tile_ndvi", "namespace": f"{root}udp.json", "parameter_defaults": {"scale": 0.5}}
+        stats = run_openeo_jobs(
+            job_db=str(tmp_path / "jobs.csv"),
+            backends={"sim": openeo_simulator.url},
+            start_job=spec,
+            poll_sleep=0.1,
+            download_results=False,
+            df=tiles_df(2),
+        )
+    assert stats["job finished"] == 2
+    for job in openeo_simulator.jobs():
+        (node,) = job["process"]["process_graph"].values()
+        assert node["process_id"] == "tile_ndvi" and node["arguments"]["scale"] == 0.5
+    with pytest.raises(ValueError, match="needs process_id and/or namespace"):
+        load_callable({"parameter_defaults": {}})
