@@ -71,15 +71,8 @@ def observe(previous: str, reported: str, *, start_requested: bool) -> Transitio
     if reported == "created" and (start_requested or previous == "queued_for_start"):
         return Transition("queued_for_start")
     events: list[Event] = []
-    if reported in ("running", "finished", "error", "canceled") and previous in (
-        "not_started",
-        "created",
-        "queued_for_start",
-        "queued",
-    ):
-        # A job seen running (or already past it) counts once as having started running.
-        if reported == "running":
-            events.append(Event.STARTED_RUNNING)
+    if reported == "running" and previous in ("not_started", "created", "queued_for_start", "queued"):
+        events.append(Event.STARTED_RUNNING)  # counted once per job, when first seen running
     if reported == "finished":
         events.append(Event.FINISHED)
     elif reported == "error":
@@ -87,11 +80,3 @@ def observe(previous: str, reported: str, *, start_requested: bool) -> Transitio
     elif reported == "canceled":
         events.append(Event.CANCELED)
     return Transition(reported, tuple(events))
-
-
-def is_active(status: str) -> bool:
-    return status in ACTIVE
-
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL
