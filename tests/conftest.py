@@ -96,3 +96,16 @@ def job_events(client, flow_run_id, event_filter: dict, enough) -> list[dict]:
             break
         time.sleep(0.2)
     return events
+
+
+def max_overlap(jobs: list[dict]) -> int:
+    """Most jobs that existed un-ended at once on a backend (from the simulator's own records)."""
+    events = []
+    for job in jobs:
+        events.append((job["created_at"], 1))
+        events.append((job["ended_at"] if job["ended_at"] is not None else float("inf"), -1))
+    current = peak = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        current += delta
+        peak = max(peak, current)
+    return peak

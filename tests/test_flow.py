@@ -8,7 +8,7 @@ import json
 import openeo
 import pandas as pd
 import pytest
-from conftest import job_events, ndvi_job, tiles_df
+from conftest import job_events, max_overlap, ndvi_job, tiles_df
 
 from prefect_openeo import MultiBackendJobManager, create_job_db
 
@@ -288,14 +288,7 @@ def test_two_flow_runs_share_a_backends_global_concurrency_limit(openeo_simulato
         assert set(pd.read_csv(db)["status"]) == {"finished"}
     jobs = openeo_simulator.jobs()
     assert len(jobs) == 10
-    events = sorted(
-        [(j["created_at"], 1) for j in jobs] + [(j["ended_at"], -1) for j in jobs], key=lambda e: (e[0], e[1])
-    )
-    peak = current = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    assert peak <= 2, "two flow runs together exceeded the backend's global concurrency limit"
+    assert max_overlap(jobs) <= 2, "two flow runs together exceeded the backend's global concurrency limit"
     by_id = {j["id"]: j for j in jobs}
     spans = []
     for db in dbs:

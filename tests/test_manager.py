@@ -12,7 +12,7 @@ import time
 import openeo
 import pandas as pd
 import pytest
-from conftest import ndvi_job, static_server, tiles_df
+from conftest import max_overlap, ndvi_job, static_server, tiles_df
 
 from prefect_openeo import CsvJobDatabase, JobDatabaseError, MultiBackendJobManager, ParquetJobDatabase, create_job_db
 
@@ -25,19 +25,6 @@ def manager_for(*sims, parallel_jobs=2, **kwargs) -> MultiBackendJobManager:
     for sim in sims:
         manager.add_backend(sim.name, connection=openeo.connect(sim.url), parallel_jobs=parallel_jobs)
     return manager
-
-
-def max_overlap(jobs: list[dict]) -> int:
-    """Most jobs that existed un-ended at once on a backend (from the simulator's own records)."""
-    events = []
-    for job in jobs:
-        events.append((job["created_at"], 1))
-        events.append((job["ended_at"] if job["ended_at"] is not None else float("inf"), -1))
-    current = peak = 0
-    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
-        current += delta
-        peak = max(peak, current)
-    return peak
 
 
 def test_runs_all_rows_to_finished_with_results_and_stats(openeo_simulator, tmp_path):

@@ -14,7 +14,7 @@ import geopandas as gpd
 import openeo
 import pytest
 import sqlalchemy as sa
-from conftest import ndvi_job, tiles_df
+from conftest import max_overlap, ndvi_job, tiles_df
 from shapely.geometry import box
 
 from prefect_openeo import MultiBackendJobManager, create_job_db, get_job_db
@@ -120,18 +120,6 @@ def test_postgres_runs_the_manager(openeo_simulator, pg_table, tmp_path):
     assert openeo_simulator.created_count() == 4
 
 
-def _overlap(jobs):
-    events = sorted(
-        [(j["created_at"], 1) for j in jobs] + [(j["ended_at"] or float("inf"), -1) for j in jobs],
-        key=lambda e: (e[0], e[1]),
-    )
-    peak = current = 0
-    for _, delta in events:
-        current += delta
-        peak = max(peak, current)
-    return peak
-
-
 def test_three_workers_share_one_postgres_job_database(openeo_simulator_factory, pg_table):
     sims = [openeo_simulator_factory("b0", run_duration=0.4), openeo_simulator_factory("b1", run_duration=0.4)]
     SqlJobDatabase(POSTGRES_URL, pg_table).initialize_from_df(tiles_df(30))
@@ -154,7 +142,7 @@ def test_three_workers_share_one_postgres_job_database(openeo_simulator_factory,
     by_row = collections.Counter(job["title"].split(" by ")[0] for job in jobs)
     assert set(by_row.values()) == {1}
     # Slot budgets (2 per backend) held across the three workers together.
-    assert max(_overlap(sim.jobs()) for sim in sims) <= 2
+    assert max(max_overlap(sim.jobs()) for sim in sims) <= 2
     creators = collections.Counter(job["title"].split(" by ")[1].split(" [")[0] for job in jobs)
     assert len(creators) >= 2, creators
 
