@@ -25,6 +25,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 from urllib3.util.retry import RequestHistory
 
+from prefect_openeo.placement import TOKEN_PREFIX
+
 _log = logging.getLogger(__name__)
 
 #: Same retry budget as openeo's ``MultiBackendJobManager`` (its module constant ``MAX_RETRIES``).
@@ -38,11 +40,25 @@ MAX_RECONCILE_PAGES = 100
 
 
 class BackendError(RuntimeError):
-    """A backend that cannot be used as configured (unreachable at connect, not an openEO API, ...)."""
+    """A backend that cannot be used as configured (not an openEO API, credentials rejected, ...)."""
 
 
-#: The marker added to the title of each job the manager creates, so a rerun can find it after a crash.
-TOKEN_PREFIX = "poj-"
+class BackendUnavailable(BackendError):
+    """A backend that cannot be reached now (down, timing out, 5xx): its lane waits and tries again."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether an error says the backend is unreachable for now rather than unusable as configured."""
+    if isinstance(error, BackendUnavailable):
+        return True
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    if isinstance(error, requests.exceptions.RetryError):
+        return True
+    status = getattr(error, "http_status_code", None)
+    return isinstance(status, int) and (status >= 500 or status == 429)
+
+
 _local = threading.local()
 
 
@@ -147,6 +163,10 @@ class JobReport:
     #: The full ``GET /jobs/{id}`` document when it was fetched (carries usage and costs).
     details: dict | None = None
     costs: Any = None
+    #: For a job in ``error``: its error-level log entries (the backend's reason), or None if unavailable.
+    error_logs: list[dict] | None = None
+    #: Why the error logs could not be read, if they could not.
+    logs_error: str | None = None
 
 
 @dataclass
@@ -157,6 +177,7 @@ class SweepResult:
     errors: dict[str, Exception] = field(default_factory=dict)
     listing_requests: int = 0
     describe_requests: int = 0
+    log_requests: int = 0
 
 
 class Backend:
@@ -182,13 +203,20 @@ class Backend:
         #: While the backend answers ``ConcurrentJobLimit``: its lowered slot budget, and until when.
         self._limited_slots: int | None = None
         self._limited_until = 0.0
+        self._checked = False
 
     def connection(self) -> Connection:
-        """The backend's connection, created once and made resilient."""
+        """The backend's connection, created once and made resilient.
+
+        Raises ``BackendUnavailable`` when the backend cannot be reached now, ``BackendError`` when it cannot
+        be used at all (not openEO, credentials rejected, a broken connection getter).
+        """
         if self._connection is None:
             try:
                 connection = self.get_connection()
             except Exception as e:
+                if is_transient(e):
+                    raise BackendUnavailable(f"Backend {self.name!r}: cannot be reached now: {e}") from e
                 raise BackendError(f"Backend {self.name!r}: cannot connect (is it an openEO API?): {e}") from e
             if not isinstance(connection, Connection):
                 raise BackendError(f"Backend {self.name!r}: the connection getter returned {connection!r}")
@@ -196,14 +224,27 @@ class Backend:
         return self._connection
 
     def check(self) -> None:
-        """Fail early and clearly when the backend is not a usable openEO API."""
+        """Fail clearly when the backend is not a usable openEO API (``BackendError``); raise
+        ``BackendUnavailable`` when it cannot be reached now."""
         connection = self.connection()
         try:
             api_version = connection.capabilities().api_version()
         except Exception as e:
+            if is_transient(e):
+                raise BackendUnavailable(f"Backend {self.name!r} at {connection.root_url}: unreachable: {e}") from e
             raise BackendError(f"Backend {self.name!r} at {connection.root_url}: not a usable openEO API: {e}") from e
         if not api_version:
             raise BackendError(f"Backend {self.name!r} at {connection.root_url}: no api_version in its capabilities")
+        self._checked = True
+
+    def ensure_ready(self) -> None:
+        """``check`` once: after a successful check, nothing (an outage then shows in the requests)."""
+        if not self._checked:
+            self.check()
+
+    def error_logs(self, job_id: str) -> list[dict]:
+        """A job's error-level log entries (``GET /jobs/{id}/logs?level=error``), as plain dicts."""
+        return [dict(entry) for entry in self.connection().job(job_id).logs(level="error")]
 
     def limit(self) -> int | None:
         """While the backend refuses more jobs (``ConcurrentJobLimit``): how many it takes; else None."""
@@ -297,11 +338,12 @@ class Backend:
 
 
 def sweep_statuses(backend: Backend, job_ids: Iterable[str], *, details_for_terminal: bool = True) -> SweepResult:
-    """Learn the status of ``job_ids`` with as few requests as possible.
+    """Learn the status of ``job_ids`` with as few requests as possible, and why jobs failed.
 
     Uses the backend's job listing (one request per page) when it has one, and per-job ``GET /jobs/{id}``
-    for the jobs the listing lacks, for backends without listing, and once per job that ended (for usage).
-    Transport errors that exhausted the connection's retry budget propagate, as upstream.
+    for the jobs the listing lacks, for backends without listing, and once per job that ended (for usage);
+    for a job that ended in error, its error logs (the backend's reason). Transport errors that exhausted the
+    connection's retry budget propagate, as upstream.
     """
     job_ids = list(dict.fromkeys(job_ids))
     result = SweepResult()
@@ -335,7 +377,15 @@ def sweep_statuses(backend: Backend, job_ids: Iterable[str], *, details_for_term
             result.describe_requests += 1
             result.errors[job_id] = e
             continue
-        result.reports[job_id] = JobReport(status=details["status"], details=details, costs=details.get("costs"))
+        report = JobReport(status=details["status"], details=details, costs=details.get("costs"))
+        if report.status == "error":
+            try:
+                report.error_logs = backend.error_logs(job_id)
+                result.log_requests += 1
+            except Exception as e:  # the reason is a nicety: the status is what matters
+                report.logs_error = f"{e!r}"
+                _log.warning(f"Could not read the error logs of job {job_id!r} on backend {backend.name!r}: {e!r}")
+        result.reports[job_id] = report
     if listing_failed and per_job_ok:
         # The listing is broken where per-job requests work: stop paying for it.
         backend.listing_works = False

@@ -1,13 +1,18 @@
-"""The manager loop: plan, dispatch each backend's work to its lane, persist what changed, sleep.
+"""The manager loop: claim rows, dispatch each backend's work to its lane, persist what changed, sleep.
 
 One engine, run two ways. ``Steps`` carries the lifecycle actions: plain functions outside a flow run,
 Prefect tasks inside one (see ``prefect_openeo.tasks``). The engine itself never imports Prefect.
 
-Each sweep, in the calling thread: decide which ``not_started`` rows go to which backend (row order,
-backends in registration order, up to their free slots, honouring pinned rows), record a creation token
-for each, then hand every backend its rows and owed hooks in its own lane (``prefect_openeo.lanes``),
-wait for the lanes (a bounded time: a backend in an outage keeps retrying in its lane while the others go
-on), and write back only the rows that changed.
+The job database is the single record of every row's progress; the engine keeps in memory only what
+concerns its own work under way. Each sweep, in the calling thread:
+
+1. apply what finished lanes and downloads returned (one write of the changed rows);
+2. claim the rows to work on: active rows (to track), unresolved creations (rows whose creation token
+   was recorded but whose job id was not: a stopped run, or a worker that died), and new rows for the free
+   slots of each backend (their token and planned backend recorded before any job is created);
+3. hand every idle backend its rows in its own lane (``prefect_openeo.lanes``) and wait for the lanes a
+   bounded time: a backend in an outage keeps retrying in its lane while the others go on;
+4. start the result downloads that are owed (``results = pending``), off the sweep's critical path.
 """
 
 from __future__ import annotations
@@ -17,50 +22,60 @@ import concurrent.futures
 import datetime
 import logging
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
-from openeo import BatchJob
+from openeo import BatchJob, Connection
 from openeo.extra.job_management import JobDatabaseInterface
+from openeo.rest import OpenEoApiError
 from openeo.util import rfc3339
 
-from prefect_openeo import steps as plain_steps
-from prefect_openeo.backends import TOKEN_PREFIX
-from prefect_openeo.lanes import MESSAGE_COLUMN, BackendWork, Hook, Lane, LaneResult, blank, set_cell
-from prefect_openeo.states import ACTIVE, TERMINAL, Event
-
-if TYPE_CHECKING:
-    from prefect_openeo.manager import MultiBackendJobManager
+from prefect_openeo.backends import Backend, BackendUnavailable
+from prefect_openeo.frames import blank, set_cell
+from prefect_openeo.jobdb.local import LocalRows
+from prefect_openeo.lanes import (
+    MESSAGE_COLUMN,
+    PLANNED_COLUMN,
+    RESULTS_COLUMN,
+    TOKEN_COLUMN,
+    BackendWork,
+    Lane,
+    LaneConfig,
+    LaneResult,
+    run_in_thread,
+)
+from prefect_openeo.placement import assign_rows
+from prefect_openeo.states import TERMINAL
+from prefect_openeo.steps import Steps
 
 _log = logging.getLogger("prefect_openeo")
 
 #: Statuses that keep ``run_jobs`` going (upstream's set).
 WORK_STATUSES = ["not_started", "created", "queued_for_start", "queued", "running"]
-#: How often a failing ``on_job_done``/``on_job_error`` hook (e.g. a result download) is tried in all.
-HOOK_ATTEMPTS = 3
-#: The creation token of a row's job (also at the end of the job's title), recorded before creating it.
-TOKEN_COLUMN = plain_steps.TOKEN_COLUMN
+#: How often a failing result download (``on_job_done``) is tried in one run.
+DOWNLOAD_ATTEMPTS = 3
+#: Result downloads running at once.
+DOWNLOAD_WORKERS = 4
 RETRY_COUNT_COLUMN = "retry_count"
 RETRY_AFTER_COLUMN = "retry_after"
 #: Longest a sweep waits for a backend's lane before going on without it (seconds).
 LANE_WAIT = 10.0
+#: A cap on new rows that does not limit anything (the budget does).
+NO_CAP = 1_000_000
 
-__all__ = ["JobEngine", "Observer", "SlotGate", "Steps", "set_cell", "MESSAGE_COLUMN", "TOKEN_COLUMN"]
-
-
-@dataclass
-class Steps:
-    """The lifecycle actions the engine calls; swapped for Prefect tasks inside a flow run."""
-
-    create_jobs: Callable = plain_steps.create_jobs
-    sweep_statuses: Callable = plain_steps.sweep_statuses
-    start_jobs: Callable = plain_steps.start_jobs
-    cancel_job: Callable = plain_steps.cancel_job
-    download_results: Callable = plain_steps.download_results
-    fetch_error_logs: Callable = plain_steps.fetch_error_logs
+__all__ = [
+    "JobEngine",
+    "Observer",
+    "RunSettings",
+    "SlotGate",
+    "Steps",
+    "assign_rows",
+    "set_cell",
+    "MESSAGE_COLUMN",
+    "TOKEN_COLUMN",
+]
 
 
 class SlotGate:
@@ -97,11 +112,50 @@ class Observer:
             _log.warning(f"... and {len(problems) - 50} more rows need attention (see the 'message' column)")
 
 
+def _no_results(job: BatchJob, row: pd.Series, details: dict | None) -> None:
+    return None
+
+
+def _no_error_hook(job: BatchJob, row: pd.Series, logs: list[dict]) -> None:
+    return None
+
+
+def _no_cancel_hook(job: BatchJob, row: pd.Series) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run needs from the manager, handed over explicitly."""
+
+    backends: Mapping[str, Backend]
+    poll_sleep: float = 60.0
+    cancel_after: datetime.timedelta | None = None
+    retry_failed_jobs: int = 0
+    retry_backoff: float = 60.0
+    #: Whether finished jobs owe a result download (or a custom ``on_job_done``).
+    results_owed: bool = True
+    #: Fetch a finished job's results (``on_job_done``): ``(job, row, GET /jobs/{id} document or None)``.
+    on_done: Callable[[BatchJob, pd.Series, dict | None], Any] = _no_results
+    on_error: Callable[[BatchJob, pd.Series, list[dict]], None] = _no_error_hook
+    on_cancel: Callable[[BatchJob, pd.Series], None] = _no_cancel_hook
+    connection_provider: Callable[[str], Connection] | None = None
+
+
+@dataclass
+class _Download:
+    """A result download owed for a row, and how it went so far in this run."""
+
+    attempts: int = 0
+    #: The sweep (``run_jobs loop`` count) before which it is not tried again (backoff).
+    not_before: int = 0
+
+
 @dataclass
 class JobEngine:
     """Runs the jobs of one job database to completion (or until stopped)."""
 
-    manager: MultiBackendJobManager
+    settings: RunSettings
     job_db: JobDatabaseInterface
     start_job: Callable[..., BatchJob | None]
     steps: Steps = field(default_factory=Steps)
@@ -112,32 +166,42 @@ class JobEngine:
     stoppable: bool = False
     lane_wait: float = LANE_WAIT
     gate: SlotGate = field(default_factory=SlotGate)
+    download_workers: int = DOWNLOAD_WORKERS
 
     def __post_init__(self) -> None:
-        #: Hooks owed per backend, handed to its lane with its next work.
-        self._hooks: dict[str, list[Hook]] = collections.defaultdict(list)
-        #: Rows whose last problem is still unresolved, with a message (for the summary).
+        self.backends = dict(self.settings.backends)
+        #: The row claims: the SQL job database's own (shared by workers), or a local stand-in.
+        self.rows = self.job_db if getattr(self.job_db, "shared", False) else LocalRows(self.job_db)
+        self._lanes = {name: Lane(name) for name in self.backends}
+        self._lane_config = LaneConfig(
+            steps=self.steps,
+            start_job=self.start_job,
+            connection_provider=self.settings.connection_provider or (lambda name: self.backends[name].connection()),
+            cancel_after=self.settings.cancel_after,
+            results_owed=self.settings.results_owed,
+            on_error=self.settings.on_error,
+            on_cancel=self.settings.on_cancel,
+        )
+        #: Budgets per backend (``parallel_jobs``; for a shared database, the one recorded in it).
+        self._budgets = {name: backend.parallel_jobs for name, backend in self.backends.items()}
+        #: Backends that could not be reached, with why (their lanes keep trying).
+        self._down: dict[str, str] = {}
+        #: Rows whose last problem is still unresolved, with a message (for the run's summary).
         self._problems: dict[Any, str] = {}
-        #: ``GET /jobs/{id}`` documents fetched when jobs ended, handed to the hooks (saves a request).
+        #: ``GET /jobs/{id}`` documents of jobs that ended, handed to their downloads (saves a request).
         self._details: dict[Any, dict] = {}
-        #: Jobs this process asked to start: a ``queued_for_start`` row whose job is still ``created`` and
-        #: not in here was stranded by a crash between recording and sending the start, so it is sent again.
-        self._start_issued: set[str] = set()
-        #: The status each backend last reported per row.
-        self._reported: dict[Any, str] = {}
-        self._lanes = {name: Lane(name) for name in self.manager.backends}
-        #: A database shared by several workers (``SqlJobDatabase``): rows are claimed, with leases.
-        self._shared = all(hasattr(self.job_db, m) for m in ("claim_new", "claim_active", "stale_creations"))
+        #: Downloads running (row -> future) and those owed in this run (attempts and backoff).
+        self._downloading: dict[Any, concurrent.futures.Future] = {}
+        self._downloads: dict[Any, _Download] = {}
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
-        if not self.manager.backends:
+        if not self.backends:
             raise RuntimeError("No backends registered")
         self._check_backend_names()
-        for backend in self.manager.backends.values():
-            backend.check()
-        self._reconcile_creations()
-        self._queue_missing_downloads()
+        self._check_backends()
+        self._budgets = self.rows.prepare_run(self._budgets)
+        self._reconcile_unplanned()
         try:
             while not self.should_stop() and self.has_work():
                 self.iteration()
@@ -148,17 +212,20 @@ class JobEngine:
                 self._sleep()
         finally:
             self.gate.close()
-            if self._shared and not any(lane.busy() for lane in self._lanes.values()):
-                self.job_db.release()
+            if not self._busy():
+                self.rows.release()
             self.observer.run_done(self.job_db, self.stats, dict(self._problems))
         return self.stats
 
     def has_work(self) -> bool:
         return (
             sum(self.job_db.count_by_status(statuses=WORK_STATUSES).values()) > 0
-            or any(self._hooks.values())
-            or any(lane.busy() for lane in self._lanes.values())
+            or self.rows.pending_downloads(list(self.backends)) > 0
+            or self._busy()
         )
+
+    def _busy(self) -> bool:
+        return any(lane.busy() for lane in self._lanes.values()) or bool(self._downloading)
 
     def _sleep(self) -> None:
         """Sleep ``poll_sleep`` through ``time.sleep`` looked up now, so patches and time machines apply.
@@ -167,39 +234,41 @@ class JobEngine:
         steps of at most a second so that ``stop_job_thread`` is answered quickly, as upstream's thread.
         """
         if self.stoppable:
-            remaining = float(self.manager.poll_sleep)
+            remaining = float(self.settings.poll_sleep)
             while remaining > 0 and not self.should_stop():
                 step = min(1.0, remaining)
                 time.sleep(step)
                 remaining -= step
         else:
-            time.sleep(self.manager.poll_sleep)
+            time.sleep(self.settings.poll_sleep)
         self.stats["sleep"] += 1
 
     def iteration(self) -> None:
-        """One sweep: collect finished lanes, plan, dispatch every idle backend's work, collect, retry."""
+        """One sweep: apply finished work, claim rows, dispatch every idle backend's work, start downloads."""
         self._collect()
-        rows = self.job_db.claim_active() if self._shared else self.job_db.get_by_status(statuses=list(ACTIVE))
-        active = self._orphans(rows)
-        plan = self._plan(active)
+        active = self._orphans(self.rows.claim_active())
+        unresolved = self.rows.claim_unresolved()
+        if not unresolved.empty and (PLANNED_COLUMN not in unresolved or unresolved[PLANNED_COLUMN].map(blank).any()):
+            self._reconcile_unplanned()
+        plan = self._plan()
         submitted = []
-        for name, backend in self.manager.backends.items():
+        for name, backend in self.backends.items():
             lane = self._lanes[name]
             if lane.busy():
                 self.stats["lane busy"] += 1
                 continue
-            mine = active[active["backend_name"] == name].copy()
+            mine = active[active["backend_name"] == name]
+            pending = unresolved[unresolved[PLANNED_COLUMN] == name] if PLANNED_COLUMN in unresolved else None
             new = plan.get(name, mine.iloc[0:0])
-            sweep = self.stats["run_jobs loop"]
-            hooks = [h for h in self._hooks[name] if h.not_before <= sweep]
-            self._hooks[name] = [h for h in self._hooks[name] if h.not_before > sweep]
-            if mine.empty and new.empty and not hooks:
+            if mine.empty and new.empty and (pending is None or pending.empty) and name not in self._down:
                 continue
-            submitted.append(lane.submit(BackendWork(self, backend, mine, new, hooks)))
+            work = BackendWork(self._lane_config, backend, mine.copy(), new, pending)
+            submitted.append(lane.submit(work))
         if submitted:
             concurrent.futures.wait(submitted, timeout=self.lane_wait)
         self._collect()
         self._schedule_retries()
+        self._start_downloads()
 
     def _orphans(self, active: pd.DataFrame) -> pd.DataFrame:
         """Active rows with no backend cannot be tracked: mark them (the run would never end otherwise)."""
@@ -216,9 +285,9 @@ class JobEngine:
         self._persist(rows, set(rows.index))
         return active[~lost]
 
-    # -- lanes ------------------------------------------------------------------------------------
+    # -- applying what lanes and downloads did ------------------------------------------------------
     def _collect(self) -> None:
-        """Apply the results of finished lanes: persist, report, queue hooks; re-raise what must stop."""
+        """Apply the results of finished lanes and downloads; re-raise what must stop the run."""
         errors = []
         for lane in self._lanes.values():
             future = lane.future
@@ -231,91 +300,151 @@ class JobEngine:
                 errors.append(e)
                 continue
             self._apply(result)
+        for index, future in list(self._downloading.items()):
+            if future.done():
+                del self._downloading[index]
+                self._download_done(index, future)
         if errors:
             raise errors[0]
 
     def _apply(self, result: LaneResult) -> None:
         for key, value in result.stats.items():
             self.stats[key] += value
+        self._note_availability(result.backend, result.unavailable)
         self._persist(result.rows, result.changed)
         self._problems.update(result.problems)
         for index, status in result.notes:
             self.observer.row_status(index, result.rows.loc[index], status)
             if status in TERMINAL:
                 self.gate.release(index)
-        kinds = {Event.FINISHED: "done", Event.FAILED: "error", Event.CANCELED: "cancel"}
-        for event, index in result.events:
-            if event in kinds:
-                row = result.rows.loc[index]
-                self._hooks[result.backend].append(Hook(kinds[event], index, row["id"], row))
-        for hook in result.hooks:
-            if hook.error is None:
-                self._problems.pop(hook.index, None)
-            elif hook.attempts < HOOK_ATTEMPTS:
-                self._problems[hook.index] = hook.error
-                # Back off: after the n-th failed attempt, wait 2**n - 1 sweeps (1, 3, ...) before the next.
-                hook.not_before = self.stats["run_jobs loop"] + 2**hook.attempts - 1
-                self._hooks[result.backend].append(hook)
-            else:
-                self._problems[hook.index] = hook.error
-                self._record_message(hook.index, hook.error)
+            if status == "finished" and self.settings.results_owed and index in result.details:
+                self._details[index] = result.details[index]
+
+    def _note_availability(self, name: str, unavailable: str | None) -> None:
+        if unavailable and name not in self._down:
+            _log.warning(f"{unavailable}; its jobs wait while the other backends go on (trying again each sweep)")
+        elif not unavailable and name in self._down:
+            _log.warning(f"Backend {name!r} is reachable again")
+        if unavailable:
+            self._down[name] = unavailable
+        else:
+            self._down.pop(name, None)
 
     # -- planning ---------------------------------------------------------------------------------
-    def _plan(self, active: pd.DataFrame) -> dict[str, pd.DataFrame]:
-        """Which ``not_started`` rows each idle backend creates now; their creation tokens are recorded."""
-        idle = {name: not self._lanes[name].busy() for name in self.manager.backends}
-        if self._shared:  # the database picks and claims rows, counting every worker's active jobs
-            budgets = {name: b.slots() if idle[name] else 0 for name, b in self.manager.backends.items()}
-            planned = self.job_db.claim_new(budgets, list(self.manager.backends))
-            if planned.empty:
-                return {}
-            by_backend = planned.pop("planned_backend")
-            claimed = {name: list(planned.index[by_backend == name]) for name in self.manager.backends}
-            plan = {name: self.gate.acquire(name, rows) for name, rows in claimed.items() if rows}
-            refused = [i for name, rows in claimed.items() for i in rows if i not in set(plan.get(name, []))]
-            if refused:
-                self.job_db.unclaim(refused)
-            return {name: planned.loc[rows] for name, rows in plan.items() if rows}
-        counts = active.groupby("backend_name").size().to_dict()
-        free = {
-            name: (b.slots() - counts.get(name, 0) if idle[name] else 0) for name, b in self.manager.backends.items()
-        }
-        total_free = sum(max(0, f) for f in free.values())
-        if total_free <= 0:
+    def _plan(self) -> dict[str, pd.DataFrame]:
+        """Which ``not_started`` rows each idle backend creates now (their tokens and planned backend are
+        recorded, with this worker's claim, before any job is created).
+
+        The job database applies the budgets; this worker only caps them: no new rows for a busy or
+        unreachable backend's lane, and fewer for a backend that refuses more jobs (``ConcurrentJobLimit``).
+        """
+        caps = {}
+        for name, backend in self.backends.items():
+            limit = backend.limit()
+            caps[name] = 0 if self._lanes[name].busy() or name in self._down else (NO_CAP if limit is None else limit)
+        if not any(caps.values()):
             return {}
-        candidates = self.job_db.get_by_status(statuses=["not_started"], max=max(200, 4 * total_free))
-        plan = assign_rows(candidates, free, list(self.manager.backends))
-        plan = {name: granted for name, rows in plan.items() if (granted := self.gate.acquire(name, rows))}
-        if not plan:
+        planned = self.rows.claim_new(caps, list(self.backends))
+        if planned.empty:
             return {}
-        planned = candidates.loc[[i for name in self.manager.backends for i in plan.get(name, [])]].copy()
-        # Record the intent, with a token that goes into the job's title, before asking the backend:
-        # after a crash, a rerun finds the job by its token instead of creating it again.
-        for index in planned.index:
-            set_cell(planned, index, TOKEN_COLUMN, f"{TOKEN_PREFIX}{uuid.uuid4().hex[:12]}")
-        self._persist(planned, set(planned.index))
-        return {name: planned.loc[indices] for name, indices in plan.items()}
+        by_backend = planned[PLANNED_COLUMN]
+        claimed = {name: list(planned.index[by_backend == name]) for name in self.backends}
+        plan = {name: self.gate.acquire(name, rows) for name, rows in claimed.items() if rows}
+        refused = [i for name, rows in claimed.items() for i in rows if i not in set(plan.get(name, []))]
+        if refused:
+            self.rows.unclaim(refused)
+        return {name: planned.loc[rows] for name, rows in plan.items() if rows}
+
+    # -- downloads --------------------------------------------------------------------------------
+    def _start_downloads(self) -> None:
+        """Start the owed result downloads this run may take (claimed first, so no other worker does them)."""
+        sweep = self.stats["run_jobs loop"]
+        waiting = [i for i, d in self._downloads.items() if d.not_before > sweep]
+        free = self.download_workers - len(self._downloading)
+        if free <= 0:
+            return
+        rows = self.rows.claim_downloads(free, exclude=[*self._downloading, *waiting], backends=list(self.backends))
+        for index, row in rows.iterrows():
+            backend = self.backends[row["backend_name"]]
+            download = self._downloads.setdefault(index, _Download())
+            download.attempts += 1
+            details = self._details.get(index)
+
+            def fetch(backend=backend, row=row, details=details, on_done=self.settings.on_done) -> Any:
+                return on_done(backend.connection().job(row["id"]), row, details)
+
+            self._downloading[index] = run_in_thread(fetch, f"prefect-openeo-download-{row['id']}")
+
+    def _download_done(self, index: Any, future: concurrent.futures.Future) -> None:
+        download = self._downloads[index]
+        rows = self.job_db.get_by_indices([index]).copy()
+        if index not in rows.index:
+            return
+        job_id = rows.at[index, "id"]
+        error = future.exception()
+        if error is None:
+            set_cell(rows, index, RESULTS_COLUMN, "done")
+            if index in self._problems:
+                set_cell(rows, index, MESSAGE_COLUMN, None)
+            self._problems.pop(index, None)
+            self._details.pop(index, None)
+            del self._downloads[index]
+        elif isinstance(error, OpenEoApiError) and error.http_status_code in (404, 410):
+            message = f"results of job {job_id} are gone from the backend ({error.http_status_code}): {error.message}"
+            _log.warning(f"Row {index}: {message}")
+            set_cell(rows, index, RESULTS_COLUMN, "gone")
+            set_cell(rows, index, MESSAGE_COLUMN, message)
+            self._problems[index] = message
+            self.stats["results gone"] += 1
+            del self._downloads[index]
+        else:
+            _log.error(f"on_job_done failed for job {job_id} (attempt {download.attempts}): {error!r}")
+            self.stats["on_job_done error"] += 1
+            message = f"on_job_done failed after {download.attempts} attempt(s): {error!r}"
+            self._problems[index] = message
+            if download.attempts < DOWNLOAD_ATTEMPTS:
+                # Back off: after the n-th failed attempt, wait 2**n - 1 sweeps (1, 3, ...) before the next.
+                download.not_before = self.stats["run_jobs loop"] + 2**download.attempts - 1
+                return
+            set_cell(rows, index, RESULTS_COLUMN, "failed")
+            set_cell(rows, index, MESSAGE_COLUMN, message)
+            del self._downloads[index]
+        self._persist(rows, {index})
 
     # -- after a crash or restart -----------------------------------------------------------------
-    def _reconcile_creations(self) -> None:
-        """Rows whose creation was under way when a run stopped: adopt the job if the backend has it."""
-        if self._shared:
-            pending = self.job_db.stale_creations()
-        else:
-            pending = self.job_db.get_by_status(statuses=["not_started"])
-        if pending.empty or TOKEN_COLUMN not in pending.columns:
+    def _check_backends(self) -> None:
+        """Every backend is checked before anything starts (in parallel): one that is not a usable openEO API
+        stops the run here; one that cannot be reached now waits in its lane while the others work."""
+        checks = {
+            name: run_in_thread(backend.check, f"prefect-openeo-check-{name}")
+            for name, backend in self.backends.items()
+        }
+        for name, future in checks.items():
+            try:
+                future.result()
+            except BackendUnavailable as e:
+                self._note_availability(name, str(e))
+
+    def _reconcile_unplanned(self) -> None:
+        """Unresolved creations without a planned backend (recorded by older versions): search every backend's
+        listing for their token; adopt the job where found, else clear the token."""
+        pending = self.rows.claim_unresolved()
+        if pending.empty:
             return
-        pending = pending[~pending[TOKEN_COLUMN].map(blank)].copy()
+        pending = pending[pending.get(PLANNED_COLUMN, pd.Series(index=pending.index, dtype=object)).map(blank)].copy()
         if pending.empty:
             return
         tokens = dict(zip(pending[TOKEN_COLUMN], pending.index, strict=True))
         found: dict[str, tuple[str, dict]] = {}
-        for name, backend in self.manager.backends.items():
+        for name, backend in self.backends.items():
+            if name in self._down:
+                return  # cannot be sure the job is not there: decide when every backend can be searched
             try:
                 for token, entry in backend.find_created(set(tokens) - set(found)).items():
                     found[token] = (name, entry)
             except Exception as e:
                 _log.warning(f"Could not look for jobs of an interrupted run on backend {name!r}: {e!r}")
+                return
         for token, index in tokens.items():
             if token in found:
                 name, entry = found[token]
@@ -329,43 +458,37 @@ class JobEngine:
                 set_cell(pending, index, TOKEN_COLUMN, None)
         self._persist(pending, set(pending.index))
 
-    def _queue_missing_downloads(self) -> None:
-        """Finished rows of an earlier run whose results are not on disk get their download again."""
-        if not self.manager._download_results:
-            return
-        from prefect_openeo.downloads import results_present
-
-        finished = self.job_db.get_by_status(statuses=["finished"])
-        for index, row in finished.iterrows():
-            if blank(row.get("id")) or row.get("backend_name") not in self.manager.backends:
-                continue
-            if not results_present(self.manager.get_job_dir(row["id"]), row["id"]):
-                self._hooks[row["backend_name"]].append(Hook("done", index, row["id"], row))
-
     def _schedule_retries(self) -> None:
-        """Optionally give ``error``/``start_failed`` rows another go, after a backoff, up to a maximum."""
-        limit = self.manager._retry_failed_jobs
+        """Optionally give ``error``/``start_failed`` rows another go, after a backoff, up to a maximum.
+
+        A ``start_failed`` row keeps its creation token: its job may exist after all (a response lost after
+        the backend created it), so the listing is searched for it before the row is created again.
+        """
+        limit = self.settings.retry_failed_jobs
         if not limit:
             return
         changed = set()
         rows = self.job_db.get_by_status(statuses=["error", "start_failed"]).copy()
-        owed = {hook.index for hooks in self._hooks.values() for hook in hooks}
         for index, row in rows.iterrows():
             count = 0 if blank(row.get(RETRY_COUNT_COLUMN)) else int(row[RETRY_COUNT_COLUMN])
-            if count >= limit or index in owed:  # let on_job_error see the failed attempt first
+            if count >= limit:
                 continue
-            delay = self.manager._retry_backoff * (2**count)
+            delay = self.settings.retry_backoff * (2**count)
             after = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=delay)
             job = "" if blank(row["id"]) else f" (job {row['id']})"
             set_cell(rows, index, RETRY_COUNT_COLUMN, count + 1)
             set_cell(rows, index, RETRY_AFTER_COLUMN, rfc3339.datetime(after))
+            reason = "" if blank(row.get(MESSAGE_COLUMN)) else f": {row[MESSAGE_COLUMN]}"
             set_cell(
                 rows,
                 index,
                 MESSAGE_COLUMN,
-                f"attempt {count + 1} ended {row['status']}{job}; retry {count + 1}/{limit} after {delay:g} s",
+                f"attempt {count + 1} ended {row['status']}{job}{reason}; retry {count + 1}/{limit} after {delay:g} s",
             )
-            for column in ("id", TOKEN_COLUMN, "start_time", "running_start_time"):
+            cleared = ["id", "start_time", "running_start_time", RESULTS_COLUMN]
+            if row["status"] == "error" or blank(row.get(PLANNED_COLUMN)):
+                cleared += [TOKEN_COLUMN, PLANNED_COLUMN]
+            for column in cleared:
                 if column in rows.columns:
                     set_cell(rows, index, column, None)
             rows.at[index, "status"] = "not_started"
@@ -374,12 +497,6 @@ class JobEngine:
         self._persist(rows, changed)
 
     # -- persistence ------------------------------------------------------------------------------
-    def _record_message(self, index: Any, message: str) -> None:
-        rows = self.job_db.get_by_indices([index]).copy()
-        if index in rows.index:
-            set_cell(rows, index, MESSAGE_COLUMN, message)
-            self._persist(rows, {index})
-
     def _persist(self, rows: pd.DataFrame, changed: set) -> None:
         """Write the changed rows (only those) to the job database, once."""
         if not changed:
@@ -390,42 +507,20 @@ class JobEngine:
     def _check_backend_names(self) -> None:
         """Rows that name a backend that is not registered get a clear error before anything starts."""
         if hasattr(self.job_db, "unknown_backends"):
-            rows = self.job_db.unknown_backends(WORK_STATUSES, list(self.manager.backends))
+            rows = self.job_db.unknown_backends(WORK_STATUSES, list(self.backends))
         else:
             rows = self.job_db.get_by_status(statuses=WORK_STATUSES)
         if rows.empty or "backend_name" not in rows.columns:
             return
         names = rows["backend_name"]
-        unknown = rows[~names.map(blank) & ~names.isin(list(self.manager.backends))]
+        unknown = rows[~names.map(blank) & ~names.isin(list(self.backends))]
         if not unknown.empty:
             first = unknown.index[0]
             raise ValueError(
                 f"Job database row {first} (status {unknown.at[first, 'status']!r}) names backend "
                 f"{unknown.at[first, 'backend_name']!r}, which is not registered "
-                f"(registered: {', '.join(self.manager.backends)}); {len(unknown)} row(s) in all"
+                f"(registered: {', '.join(self.backends)}); {len(unknown)} row(s) in all"
             )
-
-
-def assign_rows(candidates: pd.DataFrame, free: dict[str, int], order: list[str]) -> dict[str, list]:
-    """Rows (in order) to backends with free slots: a row's preset ``backend_name`` pins it; others go
-    to the first backend in ``order`` with room. Rows waiting for a retry (``retry_after``) are skipped."""
-    free = dict(free)
-    plan: dict[str, list] = collections.defaultdict(list)
-    if candidates.empty or sum(max(0, f) for f in free.values()) <= 0:
-        return plan
-    now = rfc3339.now_utc()
-    for index, row in candidates.iterrows():
-        if not blank(row.get(RETRY_AFTER_COLUMN)) and str(row[RETRY_AFTER_COLUMN]) > now:
-            continue
-        pinned = row.get("backend_name")
-        names = [pinned] if not blank(pinned) else order
-        target = next((n for n in names if free.get(n, 0) > 0), None)
-        if target is not None:
-            plan[target].append(index)
-            free[target] -= 1
-            if sum(max(0, f) for f in free.values()) <= 0:
-                break
-    return plan
 
 
 def cancel_after(seconds: float | None) -> datetime.timedelta | None:

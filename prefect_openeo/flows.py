@@ -86,8 +86,8 @@ def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
 
     from openeo.extra.job_management import JobDatabaseInterface
 
+    from prefect_openeo.frames import blank, set_cell
     from prefect_openeo.jobdb import resolve_job_db
-    from prefect_openeo.lanes import blank, set_cell
     from prefect_openeo.states import ACTIVE
 
     log = logging.getLogger("prefect_openeo")

@@ -1,9 +1,11 @@
-"""One backend's share of a sweep, run in that backend's own lane (a worker thread).
+"""Per-backend lanes: each backend's work runs in its own thread, so a backend that is slow or in an outage
+(waiting out ``Retry-After``, retrying 5xx) never holds up the others.
 
-A backend in an outage retries its requests with backoff (honouring ``Retry-After``) inside its lane,
-while the other backends' lanes go on: one backend's outage never stalls the others. Lanes only work on
-their backend's rows and report back; the engine's loop, in the calling thread, writes the job database
-and talks to the observer.
+Each sweep the engine hands every idle backend a ``BackendWork``: the rows to reconcile (creations a
+stopped run may or may not have finished), its active rows and the rows planned for it, with everything
+the work needs in a ``LaneConfig``. The work reconciles, sweeps statuses (learning why failed jobs failed),
+cancels overdue jobs, starts created ones and creates the planned ones, then returns a ``LaneResult``: the
+rows it changed and what happened. Lanes never write the job database; the engine's loop does.
 """
 
 from __future__ import annotations
@@ -11,40 +13,34 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextvars
+import datetime
 import logging
 import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import requests
+from openeo import BatchJob, Connection
 from openeo.rest import OpenEoApiError
 from openeo.util import deep_get, rfc3339
 
-from prefect_openeo.backends import Backend, JobReport
+from prefect_openeo.backends import Backend, BackendUnavailable, JobReport
+from prefect_openeo.frames import blank, set_cell
+from prefect_openeo.reasons import failure_reason
 from prefect_openeo.states import ACTIVE, Event, observe
-
-if TYPE_CHECKING:
-    from prefect_openeo.engine import JobEngine
+from prefect_openeo.steps import Steps
 
 _log = logging.getLogger("prefect_openeo")
 
 #: Columns the manager owns; usage fields reported by a backend never overwrite them.
 BOOKKEEPING_COLUMNS = ("id", "backend_name", "status", "start_time", "running_start_time", "costs")
 MESSAGE_COLUMN = "message"
-
-
-def set_cell(df: pd.DataFrame, index: Any, column: str, value: Any) -> None:
-    """Set one cell, adding the column (as objects) or widening its dtype when a value would not fit."""
-    if column not in df.columns:
-        df[column] = pd.Series([None] * len(df), index=df.index, dtype=object)
-    elif df[column].dtype != object and not (
-        isinstance(value, (int, float)) and pd.api.types.is_numeric_dtype(df[column].dtype)
-    ):
-        df[column] = df[column].astype(object)
-    df.at[index, column] = value
+TOKEN_COLUMN = "create_token"
+PLANNED_COLUMN = "planned_backend"
+RESULTS_COLUMN = "results"
 
 
 def format_usage(details: dict, field_name: str) -> str:
@@ -54,11 +50,7 @@ def format_usage(details: dict, field_name: str) -> str:
     return f"{value} {unit}".strip()
 
 
-def blank(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and pd.isna(value)) or value == ""
-
-
-def _stack(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+def stack(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     """Rows of both frames (their columns may differ, or be all empty in one of them)."""
     if second.empty:
         return first
@@ -70,8 +62,8 @@ def _stack(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
 
 
 class Lane:
-    """Runs one piece of work at a time for a backend, in a daemon thread with the caller's context
-    (so Prefect tasks called there belong to the current flow run)."""
+    """Runs one piece of work at a time, in a daemon thread with the caller's context (so Prefect tasks
+    called there belong to the current flow run)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -83,33 +75,39 @@ class Lane:
     def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         if self.busy():
             raise RuntimeError(f"Lane {self.name!r} is busy")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        context = contextvars.copy_context()
-
-        def run() -> None:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(context.run(fn))
-                except BaseException as e:  # handed to the engine's loop, which re-raises what must stop the run
-                    future.set_exception(e)
-
-        threading.Thread(target=run, name=f"prefect-openeo-{self.name}", daemon=True).start()
-        self.future = future
-        return future
+        self.future = run_in_thread(fn, f"prefect-openeo-{self.name}")
+        return self.future
 
 
-@dataclass
-class Hook:
-    """A hook call (``on_job_done``/``on_job_error``/``on_job_cancel``) owed for a row."""
+def run_in_thread(fn: Callable[[], Any], name: str) -> concurrent.futures.Future:
+    """Run ``fn`` in a new daemon thread with the caller's context; its outcome in a future."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    context = contextvars.copy_context()
 
-    kind: str  # "done" | "error" | "cancel"
-    index: Any
-    job_id: str
-    row: pd.Series
-    attempts: int = 0
-    error: str | None = None
-    #: The sweep (``run_jobs loop`` count) before which a failed hook is not tried again (backoff).
-    not_before: int = 0
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(context.run(fn))
+            except BaseException as e:  # handed to the engine's loop, which re-raises what must stop the run
+                future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    """What a backend's work needs from the run, handed over explicitly."""
+
+    steps: Steps
+    start_job: Callable[..., BatchJob | None]
+    connection_provider: Callable[[str], Connection]
+    cancel_after: datetime.timedelta | None
+    #: Whether a finished job owes a result download (or a custom ``on_job_done``): ``results`` = pending.
+    results_owed: bool
+    #: Called when a job ended in error, with its error log entries (the default saves them as JSON).
+    on_error: Callable[[BatchJob, pd.Series, list[dict]], None]
+    on_cancel: Callable[[BatchJob, pd.Series], None]
 
 
 @dataclass
@@ -123,23 +121,42 @@ class LaneResult:
     notes: list[tuple[Any, str]] = field(default_factory=list)
     stats: collections.Counter = field(default_factory=collections.Counter)
     problems: dict[Any, str] = field(default_factory=dict)
-    hooks: list[Hook] = field(default_factory=list)
+    #: ``GET /jobs/{id}`` documents of jobs that ended (handed to the downloads: saves a request each).
+    details: dict[Any, dict] = field(default_factory=dict)
+    #: Rows (planned or unresolved) whose creation this work dealt with, one way or another.
+    creations: set = field(default_factory=set)
+    #: Why the backend could not be used this time (it is down): the work did nothing.
+    unavailable: str | None = None
 
 
 class BackendWork:
-    """Hooks owed, status sweep, cancels, starts and creations for one backend, in its lane."""
+    """Reconcile, sweep, cancel, start and create for one backend, in its lane."""
 
-    def __init__(self, engine: JobEngine, backend: Backend, active: pd.DataFrame, new: pd.DataFrame, hooks: list):
-        self.engine = engine
+    def __init__(
+        self,
+        config: LaneConfig,
+        backend: Backend,
+        active: pd.DataFrame,
+        new: pd.DataFrame,
+        unresolved: pd.DataFrame | None = None,
+    ):
+        self.config = config
         self.backend = backend
-        self.hooks = hooks
-        self.result = LaneResult(backend.name, rows=_stack(active, new))
+        unresolved = unresolved if unresolved is not None else new.iloc[0:0]
+        self.result = LaneResult(backend.name, rows=stack(stack(active, new), unresolved))
+        self.active_indices = list(active.index)
         self.new_indices = list(new.index)
+        self.unresolved_indices = list(unresolved.index)
 
     def __call__(self) -> LaneResult:
-        self._run_hooks()
-        new = set(self.new_indices)
-        self._track([i for i in self.rows.index if i not in new])
+        try:
+            self.backend.ensure_ready()
+        except BackendUnavailable as e:
+            self.result.unavailable = str(e)
+            self.result.stats["backend unavailable"] += 1
+            return self.result
+        adopted = self._reconcile(self.unresolved_indices)
+        self._track(self.active_indices + adopted)
         if self.new_indices:
             self._track(self._create(self.new_indices))
         return self.result
@@ -159,24 +176,51 @@ class BackendWork:
         self.result.problems[index] = message
         self._status(index, status)
 
-    # -- hooks ------------------------------------------------------------------------------------
-    def _run_hooks(self) -> None:
-        manager = self.engine.manager
-        for hook in self.hooks:
-            method = {"done": manager.on_job_done, "error": manager.on_job_error}.get(hook.kind, manager.on_job_cancel)
-            hook.attempts += 1
-            job = self.backend.connection().job(hook.job_id)
-            manager._hook_details.details = self.engine._details.get(hook.index)
-            try:
-                method(job, hook.row)
-                hook.error = None
-            except Exception as e:
-                _log.error(f"on_job_{hook.kind} failed for job {hook.job_id} (attempt {hook.attempts}): {e!r}")
-                self.result.stats[f"on_job_{hook.kind} error"] += 1
-                hook.error = f"on_job_{hook.kind} failed after {hook.attempts} attempt(s): {e!r}"
-            finally:
-                manager._hook_details.details = None
-            self.result.hooks.append(hook)
+    # -- reconciling ------------------------------------------------------------------------------
+    def _reconcile(self, indices: list) -> list:
+        """Rows whose creation was recorded but whose job id was not: adopt the job if the backend's listing
+        has one with the row's token, otherwise clear the token so the row can be created. Returns the
+        adopted rows. Nothing is decided while the listing cannot be read: the rows keep their slot."""
+        if not indices:
+            return []
+        rows, stats = self.rows, self.result.stats
+        tokens = {rows.at[i, TOKEN_COLUMN]: i for i in indices}
+        if not self.backend.advertises_listing():
+            for index in indices:  # no way to know whether the job exists: never create it a second time
+                self.result.creations.add(index)
+                self._fail(
+                    index,
+                    "start_failed",
+                    f"a creation on backend {self.backend.name} was interrupted and the backend has no job "
+                    f"listing to check whether the job exists (token {rows.at[index, TOKEN_COLUMN]}): check "
+                    "its jobs, then reset the row with `prefect-openeo retry`",
+                )
+            return []
+        try:
+            found = self.backend.find_created(tokens)
+        except Exception as e:
+            stats["reconcile error"] += 1
+            _log.warning(f"Could not search backend {self.backend.name!r} for interrupted creations: {e!r}")
+            return []
+        stats["job listing"] += 1
+        adopted = []
+        for token, index in tokens.items():
+            self.result.creations.add(index)
+            self.result.changed.add(index)
+            entry = found.get(token)
+            if entry is None:
+                set_cell(rows, index, TOKEN_COLUMN, None)
+                set_cell(rows, index, PLANNED_COLUMN, None)
+                stats["creation not found"] += 1
+                continue
+            _log.info(f"Row {index}: adopting job {entry['id']} on {self.backend.name}, created by an interrupted run")
+            set_cell(rows, index, "backend_name", self.backend.name)
+            set_cell(rows, index, "id", entry["id"])
+            set_cell(rows, index, "start_time", entry.get("created") or rfc3339.now_utc())
+            self._status(index, "created")
+            stats["job adopted"] += 1
+            adopted.append(index)
+        return adopted
 
     # -- tracking ---------------------------------------------------------------------------------
     def _track(self, indices: list) -> None:
@@ -191,7 +235,7 @@ class BackendWork:
         if not ids:
             return
         try:
-            sweep = self.engine.steps.sweep_statuses(self.backend, list(ids))
+            sweep = self.config.steps.sweep_statuses(self.backend, list(ids))
         except requests.exceptions.ConnectionError as e:
             self.result.stats["job tracking error"] += 1
             _log.warning(f"Could not reach backend {self.backend.name!r} to track jobs: {e!r}")
@@ -200,17 +244,19 @@ class BackendWork:
         stats["track_statuses"] += 1
         stats["job describe"] += sweep.describe_requests
         stats["job listing"] += sweep.listing_requests
+        stats["job logs"] += sweep.log_requests
+        reported = {}
         for job_id, report in sweep.reports.items():
+            reported[ids[job_id]] = report.status
             self._apply_report(ids[job_id], report)
         for job_id, error in sweep.errors.items():
             self._tracking_error(ids[job_id], error)
         self._cancel_overdue(list(ids.values()))
-        self._start_created(list(ids.values()))
+        self._start_created(list(ids.values()), reported)
 
     def _apply_report(self, index: Any, report: JobReport) -> None:
         rows, stats = self.rows, self.result.stats
         previous = rows.at[index, "status"]
-        self.engine._reported[index] = report.status
         transition = observe(previous, report.status, start_requested=previous == "queued_for_start")
         _log.info(
             f"Status of job {rows.at[index, 'id']!r} (on backend {self.backend.name}) is "
@@ -233,23 +279,49 @@ class BackendWork:
                 set_cell(rows, index, key, format_usage(report.details, key))
             if report.details.get("costs") is not None:
                 set_cell(rows, index, "costs", report.details["costs"])
-            self.engine._details[index] = report.details
+            self.result.details[index] = report.details
             if transition.events:
                 self.result.changed.add(index)
-        if transition.status != previous:
-            self._status(index, transition.status)
+        if transition.status == previous:
+            return
+        if transition.status == "finished" and self.config.results_owed:
+            set_cell(rows, index, RESULTS_COLUMN, "pending")  # recorded with the status, in the same write
+        if transition.status == "error":
+            reason = failure_reason(report.error_logs, logs_error=report.logs_error)
+            self._fail(index, "error", reason)
+            self._call_hook("error", index, report.error_logs or [])
+            return
+        self._status(index, transition.status)
+        if transition.status == "canceled":
+            self._call_hook("cancel", index)
+
+    def _call_hook(self, kind: str, index: Any, logs: list[dict] | None = None) -> None:
+        """``on_job_error`` / ``on_job_cancel`` for a row that just ended so (before its status is written:
+        a crash before then calls it again on rerun)."""
+        job = self.backend.connection().job(self.rows.at[index, "id"])
+        row = self.rows.loc[index]
+        try:
+            if kind == "error":
+                self.config.on_error(job, row, logs or [])
+            else:
+                self.config.on_cancel(job, row)
+        except Exception as e:
+            _log.error(f"on_job_{kind} failed for job {job.job_id}: {e!r}")
+            self.result.stats[f"on_job_{kind} error"] += 1
 
     def _tracking_error(self, index: Any, error: Exception) -> None:
         self.result.stats["job tracking error"] += 1
         job_id = self.rows.at[index, "id"]
-        if isinstance(error, OpenEoApiError) and error.http_status_code == 404:
+        if isinstance(error, OpenEoApiError) and error.http_status_code in (404, 410):
             _log.warning(f"Job {job_id!r} vanished from backend {self.backend.name!r}: {error}")
-            self._fail(index, "error", f"job {job_id} not found on backend {self.backend.name} (404)")
+            self._fail(
+                index, "error", f"job {job_id} not found on backend {self.backend.name} ({error.http_status_code})"
+            )
         else:
             _log.warning(f"Error while tracking status of job {job_id!r} on backend {self.backend.name}: {error!r}")
 
     def _cancel_overdue(self, indices: list) -> None:
-        limit = self.engine.manager._cancel_running_job_after
+        limit = self.config.cancel_after
         if limit is None:
             return
         now = rfc3339.parse_datetime(rfc3339.now_utc(), with_timezone=True)
@@ -266,22 +338,24 @@ class BackendWork:
             if elapsed > limit:
                 _log.info(f"Cancelling long-running job {row['id']} (after {elapsed}, running since {since})")
                 try:
-                    self.engine.steps.cancel_job(self.backend, row["id"])
+                    self.config.steps.cancel_job(self.backend, row["id"])
                     self.result.stats["job cancel"] += 1
+                    set_cell(self.rows, index, MESSAGE_COLUMN, f"canceled after running longer than {limit}")
+                    self.result.changed.add(index)
                 except Exception as e:
                     self.result.stats["job cancel error"] += 1
                     _log.error(f"Failed to cancel job {row['id']!r}: {e!r}")
 
-    def _start_created(self, indices: list) -> None:
-        rows, stats, engine = self.rows, self.result.stats, self.engine
-        stranded = [
+    def _start_created(self, indices: list, reported: dict[Any, str]) -> None:
+        """Start created jobs, and ``queued_for_start`` ones the backend still reports ``created`` (a start
+        that a stopped run recorded but may not have sent: sending it again is harmless)."""
+        rows, stats = self.rows, self.result.stats
+        to_start = [
             i
             for i in indices
-            if rows.at[i, "status"] == "queued_for_start"
-            and engine._reported.get(i) == "created"
-            and rows.at[i, "id"] not in engine._start_issued
+            if rows.at[i, "status"] == "created"
+            or (rows.at[i, "status"] == "queued_for_start" and reported.get(i) == "created")
         ]
-        to_start = [i for i in indices if rows.at[i, "status"] == "created"] + stranded
         limit = self.backend.limit()
         if limit is not None and to_start:  # the backend refused more: start only as jobs there end
             started = int(rows["status"].isin(["queued", "running"]).sum())
@@ -293,9 +367,8 @@ class BackendWork:
             stats["job_queued_for_start"] += 1
             self.result.changed.add(index)
         by_id = {rows.at[i, "id"]: i for i in to_start}
-        engine._start_issued.update(by_id)
         refused = 0
-        for outcome in engine.steps.start_jobs(self.backend, list(by_id)):
+        for outcome in self.config.steps.start_jobs(self.backend, list(by_id)):
             index = by_id[outcome.job_id]
             if outcome.started:
                 stats["job start"] += 1
@@ -303,7 +376,6 @@ class BackendWork:
             elif outcome.retry_later:
                 stats["job start retry"] += 1
                 rows.at[index, "status"] = "created"
-                engine._start_issued.discard(outcome.job_id)
                 refused += 1
             else:
                 stats["start_job error"] += 1
@@ -314,17 +386,18 @@ class BackendWork:
     # -- creating ---------------------------------------------------------------------------------
     def _create(self, indices: list) -> list:
         """Call the user's ``start_job`` for the planned rows; returns the rows that got a job."""
-        rows, stats, engine = self.rows, self.result.stats, self.engine
+        rows, stats = self.rows, self.result.stats
         for index in indices:
             set_cell(rows, index, "backend_name", self.backend.name)
         stats["start_job call"] += len(indices)
-        outcomes = engine.steps.create_jobs(
-            engine.start_job, rows.loc[indices], self.backend, engine.manager._get_connection
+        outcomes = self.config.steps.create_jobs(
+            self.config.start_job, rows.loc[indices], self.backend, self.config.connection_provider
         )
         created = []
         for outcome in outcomes:
             index = outcome.index
             self.result.changed.add(index)
+            self.result.creations.add(index)
             stats["job launch"] += 1
             if outcome.start_time:
                 set_cell(rows, index, "start_time", outcome.start_time)

@@ -22,8 +22,10 @@ from openeo.extra.job_management import JobDatabaseInterface
 from openeo.extra.job_management._manager import MultiBackendJobManager as _UpstreamManager
 
 from prefect_openeo.backends import Backend
-from prefect_openeo.engine import JobEngine, Observer, SlotGate, Steps, cancel_after
+from prefect_openeo.downloads import DownloadReport
+from prefect_openeo.engine import JobEngine, Observer, RunSettings, SlotGate, cancel_after
 from prefect_openeo.jobdb.files import JobDatabaseError, resolve_job_db
+from prefect_openeo.steps import Steps, save_error_logs
 
 _log = logging.getLogger("prefect_openeo")
 
@@ -78,10 +80,9 @@ class MultiBackendJobManager:
         self._cancel_running_job_after = cancel_after(cancel_running_job_after)
         self._thread: threading.Thread | None = None
         self._stop_thread = False
-        #: Per lane thread: the job's ``GET /jobs/{id}`` document while its hook runs (saves a request).
-        self._hook_details = threading.local()
         #: Stats of the last (or current) run, also while ``start_job_thread`` runs.
         self.stats: dict = collections.defaultdict(int)
+        self._stats_lock = threading.Lock()
 
     # -- backends ---------------------------------------------------------------------------------
     def add_backend(self, name: str, connection: Connection | Callable[[], Connection], parallel_jobs: int = 2) -> None:
@@ -138,7 +139,10 @@ class MultiBackendJobManager:
             if not df.index.is_unique:
                 dups = sorted({str(i) for i in df.index[df.index.duplicated()]})[:5]
                 raise JobDatabaseError(f"The dataframe given to run_jobs has duplicate index values {dups}")
-            job_db.initialize_from_df(df)
+            try:
+                job_db.initialize_from_df(df)
+            except FileExistsError:  # another worker created it just now, from the same dataframe: use it
+                _log.info(f"Resuming `run_jobs` from {job_db}, created meanwhile by another worker")
         return job_db
 
     def _engine(self, job_db: JobDatabaseInterface, start_job: Callable, should_stop=None) -> JobEngine:
@@ -154,7 +158,7 @@ class MultiBackendJobManager:
                 gate = GlobalConcurrencyGate({name: b.parallel_jobs for name, b in self.backends.items()})
         self._active_steps = steps
         return JobEngine(
-            manager=self,
+            settings=self._settings(),
             job_db=job_db,
             start_job=start_job,
             steps=steps,
@@ -193,19 +197,56 @@ class MultiBackendJobManager:
         if self._thread.is_alive():
             _log.warning("Job thread did not stop after timeout")
 
+    def _settings(self) -> RunSettings:
+        """What the engine needs from this manager for a run."""
+        custom_done = type(self).on_job_done is not MultiBackendJobManager.on_job_done
+        return RunSettings(
+            backends=self.backends,
+            poll_sleep=self.poll_sleep,
+            cancel_after=self._cancel_running_job_after,
+            retry_failed_jobs=self._retry_failed_jobs,
+            retry_backoff=self._retry_backoff,
+            results_owed=self._download_results or custom_done,
+            on_done=self._job_done,
+            on_error=self._job_error,
+            on_cancel=self.on_job_cancel,
+            connection_provider=self._get_connection,
+        )
+
     # -- hooks ------------------------------------------------------------------------------------
-    def on_job_done(self, job: BatchJob, row: pd.Series) -> None:
-        """A job finished. Default: download its results and metadata into ``get_job_dir``."""
+    def _overrides(self, name: str) -> bool:
+        return getattr(type(self), name) is not getattr(MultiBackendJobManager, name)
+
+    def _job_done(self, job: BatchJob, row: pd.Series, details: dict | None) -> None:
+        """A finished job's ``on_job_done``; the default downloads with the job document already fetched."""
+        if self._overrides("on_job_done"):
+            self.on_job_done(job, row)
+        else:
+            self._download(job, row, details)
+
+    def _job_error(self, job: BatchJob, row: pd.Series, logs: list[dict]) -> None:
+        """A failed job's ``on_job_error``; the default saves the error logs the sweep already fetched."""
+        if self._overrides("on_job_error"):
+            self.on_job_error(job, row)
+        else:
+            save_error_logs(logs, self.get_error_log_path(job.job_id))
+
+    def _download(self, job: BatchJob, row: pd.Series, details: dict | None) -> DownloadReport | None:
         if not self._download_results:
-            return
+            return None
         steps = self._active_steps or Steps()
         backend = self.backends.get(row.get("backend_name")) if hasattr(row, "get") else None
         if backend is not None:
             backend.refresh_token(job.connection)
-        details = getattr(self._hook_details, "details", None)
         report = steps.download_results(job, self.get_job_dir(job.job_id), details)
-        self.stats["job download"] += 1
-        self.stats["files downloaded"] += report.assets
+        with self._stats_lock:
+            self.stats["job download"] += 1
+            self.stats["files downloaded"] += report.assets
+        return report
+
+    def on_job_done(self, job: BatchJob, row: pd.Series) -> None:
+        """A job finished. Default: download its results and metadata into ``get_job_dir``."""
+        self._download(job, row, None)
 
     def on_job_error(self, job: BatchJob, row: pd.Series) -> None:
         """A job failed. Default: save its error logs as ``job_{id}_errors.json``."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +27,7 @@ _log = logging.getLogger("prefect_openeo")
 TOKEN_COLUMN = "create_token"
 
 __all__ = [
+    "Steps",
     "CreateOutcome",
     "StartOutcome",
     "cancel_job",
@@ -130,7 +131,23 @@ def download_results(job: BatchJob, job_dir: Path, job_metadata: dict | None = N
 
 def fetch_error_logs(job: BatchJob, path: Path) -> int:
     """Save the job's error-level logs as JSON at ``path`` (nothing written when there are none)."""
-    logs = job.logs(level="error")
-    if len(logs) > 0:
+    return save_error_logs([dict(entry) for entry in job.logs(level="error")], path)
+
+
+def save_error_logs(logs: list[dict], path: Path) -> int:
+    """Write error log entries as JSON at ``path`` (nothing written when there are none)."""
+    if logs:
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(logs, indent=2)))
     return len(logs)
+
+
+@dataclass
+class Steps:
+    """The lifecycle actions the engine calls; swapped for Prefect tasks inside a flow run."""
+
+    create_jobs: Callable = field(default=create_jobs)
+    sweep_statuses: Callable = field(default=sweep_statuses)
+    start_jobs: Callable = field(default=start_jobs)
+    cancel_job: Callable = field(default=cancel_job)
+    download_results: Callable = field(default=download_results)
+    fetch_error_logs: Callable = field(default=fetch_error_logs)

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from prefect_openeo import steps
-from prefect_openeo.engine import Steps
+from prefect_openeo.steps import Steps
 
 
 def _step_task(fn, name: str, run_name: str, *, retries: int, backoff: float):

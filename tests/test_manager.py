@@ -202,16 +202,26 @@ def test_rerun_resumes_without_duplicates(openeo_simulator, tmp_path):
     assert all((tmp_path / "root" / f"job_{job_id}" / "job-results.json").exists() for job_id in final["id"])
 
 
-def test_rerun_downloads_results_missing_on_disk(openeo_simulator, tmp_path):
+def test_rerun_downloads_exactly_the_rows_whose_results_are_recorded_pending(openeo_simulator, tmp_path):
+    """What a rerun downloads comes from the job database, never from which files happen to be on disk."""
     db_path = tmp_path / "jobs.csv"
     manager_for(openeo_simulator, root_dir=tmp_path / "root", download_results=False).run_jobs(
-        job_db=db_path, df=tiles_df(2), start_job=ndvi_job
+        job_db=db_path, df=tiles_df(4), start_job=ndvi_job
     )
-    assert not (tmp_path / "root").exists()
+    df = pd.read_csv(db_path)
+    assert "results" not in df.columns  # nothing was owed: no download state recorded
+    df["results"] = ["pending", "done", None, "failed"]  # failed: given another go by the next run
+    df.to_csv(db_path, index=False)
+    requests_before = openeo_simulator.request_counts().get("GET /jobs/{job_id}/results", 0)
+
     stats = manager_for(openeo_simulator, root_dir=tmp_path / "root").run_jobs(job_db=db_path, start_job=ndvi_job)
+
+    out = pd.read_csv(db_path)
     assert stats["job download"] == 2 and stats.get("start_job call", 0) == 0
-    for job_id in pd.read_csv(db_path)["id"]:
-        assert (tmp_path / "root" / f"job_{job_id}" / "job-results.json").exists()
+    assert list(out["results"].fillna("")) == ["done", "done", "", "done"]
+    present = [(tmp_path / "root" / f"job_{job_id}" / "job-results.json").exists() for job_id in out["id"]]
+    assert present == [True, False, False, True]
+    assert openeo_simulator.request_counts()["GET /jobs/{job_id}/results"] - requests_before == 2
 
 
 def test_start_and_stop_job_thread(openeo_simulator, tmp_path):

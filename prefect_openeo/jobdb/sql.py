@@ -2,9 +2,20 @@
 
 It implements openeo's ``JobDatabaseInterface`` and scales with what changes, not with the table:
 statuses are indexed, ``persist`` writes only the rows it is given, and nothing reads the whole table in
-a sweep. Several workers (flow runs on one machine or many) can work one PostgreSQL database at once:
-rows are claimed atomically with a lease that expires if a worker dies, so no row is started twice and
-a dead worker's rows are taken over, and per-backend slot budgets hold across workers.
+a sweep. Several workers (flow runs on one machine or many) can work one database at once. It is the
+single record of every row's progress:
+
+- **creation intent**: a row's ``create_token`` and ``planned_backend`` are recorded (with the claiming
+  worker) before its job is created; such a row keeps its token, and holds its backend slot, until the
+  backend's job listing has been searched for it (``claim_unresolved``);
+- **who holds a row**: ``owner`` and ``lease_until``; a worker on the same machine sees at once that an
+  owner's process is gone (``prefect_openeo.jobdb.owners``), others wait for the lease to expire. A worker
+  never overwrites a row that another live worker holds;
+- **downloads**: ``results`` is ``pending`` / ``done`` / ``failed`` / ``gone``; downloads are claimed like
+  rows (``claim_downloads``);
+- **one budget per backend**, recorded in the database, which every worker's claims obey;
+- **a schema version**: an older table is upgraded in place where that is additive; anything else is a
+  ``JobDatabaseError`` naming the table, the column and what to do.
 
 The bookkeeping columns are real SQL columns; every other column of a row (your parameters, usage
 fields, geometry as WKT) lives in a JSON column, so any dataframe round-trips.
@@ -12,13 +23,13 @@ fields, geometry as WKT) lives in a JSON column, so any dataframe round-trips.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
-import os
-import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +39,14 @@ from openeo.extra.job_management import JobDatabaseInterface
 from openeo.util import rfc3339
 
 from prefect_openeo.jobdb.files import JobDatabaseError, check_job_frame, get_job_db
-from prefect_openeo.states import ACTIVE
+from prefect_openeo.jobdb.owners import is_dead, this_worker
+from prefect_openeo.placement import assign_rows, free_slots, new_token
+from prefect_openeo.states import ACTIVE, PENDING, TERMINAL
 
+_log = logging.getLogger("prefect_openeo")
+
+#: Version of the table layout written by this code; recorded in the meta table.
+SCHEMA_VERSION = 2
 #: Bookkeeping columns stored as SQL columns (with their SQL types).
 COLUMNS: dict[str, Any] = {
     "status": sa.String(32),
@@ -40,11 +57,15 @@ COLUMNS: dict[str, Any] = {
     "costs": sa.Float,
     "message": sa.Text,
     "create_token": sa.String(64),
+    "planned_backend": sa.String(255),
+    "results": sa.String(16),
     "retry_count": sa.Integer,
     "retry_after": sa.String(64),
 }
-#: Worker bookkeeping, not shown in dataframes.
-_WORKER_COLUMNS = ("owner", "lease_until", "planned_backend")
+#: Who holds a row; not shown in dataframes.
+WORKER_COLUMNS: dict[str, Any] = {"owner": sa.String(255), "lease_until": sa.Float}
+#: Columns without which a table is not a job database of ours.
+REQUIRED_COLUMNS = ("idx", "status", "data")
 _CHUNK = 1000
 
 
@@ -76,10 +97,17 @@ def _plain(value: Any) -> Any:
 class SqlJobDatabase(JobDatabaseInterface):
     """Job database in a SQL table; ``url`` is an SQLAlchemy URL or a path to an SQLite file.
 
-    :param table: table name (a second table ``{table}_meta`` holds column order, geometry and CRS).
-    :param worker_id: this worker's name for row claims (default: host, pid and a random suffix).
-    :param lease_seconds: how long a claim lasts without renewal; a dead worker's rows are taken over after it.
+    Several workers may share it (``shared``): they claim rows through it (``claim_*``).
+
+    :param table: table name (a second table ``{table}_meta`` holds column order, geometry, CRS, budgets and
+        the schema version).
+    :param worker_id: a name for this worker's runs (recorded in the ``owner`` of the rows it holds, after
+        the machine and process identity).
+    :param lease_seconds: how long a claim lasts without renewal; workers on other machines take over a dead
+        worker's rows after it (on the same machine: at once). Claims are renewed every sweep.
     """
+
+    shared = True
 
     def __init__(
         self,
@@ -94,15 +122,20 @@ class SqlJobDatabase(JobDatabaseInterface):
             url = f"sqlite:///{Path(url).expanduser().resolve()}"
         self.url = url
         self.table_name = table
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = str(this_worker(worker_id))
         self.lease_seconds = float(lease_seconds)
-        kwargs: dict[str, Any] = {"future": True}
+        kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 60}
-        self.engine = sa.create_engine(url, **kwargs)
+        try:
+            self.engine = sa.create_engine(url, **kwargs)
+        except (sa.exc.ArgumentError, ImportError) as e:
+            raise JobDatabaseError(f"Job database URL {url!r} cannot be used: {e}") from e
         if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "connect", _sqlite_connect)
+            sa.event.listen(self.engine, "begin", _sqlite_begin)
         self._meta_cache: dict[str, Any] | None = None
+        self._schema_checked = False
         self._define(index_type=sa.BigInteger)
 
     def __repr__(self) -> str:
@@ -116,12 +149,11 @@ class SqlJobDatabase(JobDatabaseInterface):
             md,
             sa.Column("idx", index_type, primary_key=True),
             *(sa.Column(name, type_) for name, type_ in COLUMNS.items()),
-            sa.Column("owner", sa.String(255)),
-            sa.Column("lease_until", sa.Float),
-            sa.Column("planned_backend", sa.String(255)),
+            *(sa.Column(name, type_) for name, type_ in WORKER_COLUMNS.items()),
             sa.Column("data", sa.Text),
             sa.Index(f"ix_{self.table_name}_status_idx", "status", "idx"),
             sa.Index(f"ix_{self.table_name}_id", "id"),
+            sa.Index(f"ix_{self.table_name}_owner", "owner"),
         )
         self.meta = sa.Table(
             f"{self.table_name}_meta",
@@ -134,16 +166,133 @@ class SqlJobDatabase(JobDatabaseInterface):
     def exists(self) -> bool:
         return sa.inspect(self.engine).has_table(self.table_name)
 
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sa.Connection]:
+        """A write transaction that holds the table's lock: claims, upgrades and writes never interleave
+        (PostgreSQL: a transaction-scoped advisory lock; SQLite: ``BEGIN IMMEDIATE``)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(sqlite_immediate=True)
+            with conn.begin():
+                if self.engine.dialect.name == "postgresql":
+                    digest = int(uuid.uuid5(uuid.NAMESPACE_URL, f"prefect-openeo:{self.table_name}").hex[:15], 16)
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": digest})
+                yield conn
+
+    def _ready(self) -> None:
+        """Check (and where additive, upgrade) the table's schema once, before first use."""
+        if self._schema_checked:
+            return
+        if self.exists():
+            self._check_schema()
+        self._schema_checked = True
+
+    def _check_schema(self) -> None:
+        found = self._schema_problems(sa.inspect(self.engine))
+        if not found:
+            return
+        with self._tx() as conn:
+            missing = self._schema_problems(sa.inspect(conn))  # again, under the lock: another worker may have done it
+            if missing:
+                self._upgrade(conn, missing)
+        self._meta_cache = None
+
+    def _schema_problems(self, inspector: Any) -> list[str]:
+        """What an additive upgrade must add (``column:NAME``, ``meta``, ``index:NAME``, ``version``);
+        raises ``JobDatabaseError`` for what it cannot fix."""
+        where = f"Job database table {self.table_name!r} in {self.engine.url.render_as_string(hide_password=True)}"
+        columns = {c["name"]: c["type"] for c in inspector.get_columns(self.table_name)}
+        absent = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if absent:
+            raise JobDatabaseError(
+                f"{where} has no column {absent[0]!r}: it was not made by prefect-openeo's SqlJobDatabase. "
+                "Use another table name (table=...), or import a CSV/Parquet job database with "
+                "SqlJobDatabase.from_file(path, url, table)."
+            )
+        todo = []
+        for name, wanted in {**COLUMNS, **WORKER_COLUMNS}.items():
+            if name not in columns:
+                todo.append(f"column:{name}")
+                continue
+            self._check_type(where, name, columns[name], wanted)
+        if not inspector.has_table(self.meta.name):
+            todo.append("meta")
+        else:
+            with self.engine.connect() as conn:
+                row = conn.execute(sa.select(self.meta.c.value).where(self.meta.c.key == "schema_version")).first()
+            version = json.loads(row[0]) if row else 1
+            if version > SCHEMA_VERSION:
+                raise JobDatabaseError(
+                    f"{where} has schema version {version}, newer than this prefect-openeo knows "
+                    f"({SCHEMA_VERSION}): upgrade prefect-openeo on this worker."
+                )
+            if version < SCHEMA_VERSION:
+                todo.append("version")
+        indexes = {ix["name"] for ix in inspector.get_indexes(self.table_name)}
+        todo += [f"index:{ix.name}" for ix in self.table.indexes if ix.name not in indexes]
+        return todo
+
+    def _check_type(self, where: str, name: str, found: Any, wanted: Any) -> None:
+        wanted_type = wanted() if isinstance(wanted, type) else wanted
+        if isinstance(wanted_type, sa.String):
+            ok = isinstance(found, sa.String)
+        elif isinstance(wanted_type, sa.Integer):
+            ok = isinstance(found, sa.Integer)
+        else:
+            ok = isinstance(found, (sa.Numeric, sa.Float, sa.Integer))
+        expected = wanted_type.compile(dialect=self.engine.dialect)
+        quoted = self.engine.dialect.identifier_preparer.quote
+        fix = f"ALTER TABLE {quoted(self.table_name)} ALTER COLUMN {quoted(name)} TYPE {expected}"
+        if not ok:
+            raise JobDatabaseError(
+                f"{where}: column {name!r} has type {found}, expected {expected}. "
+                f"Change it (e.g. `{fix}`) or use a new table."
+            )
+        length = getattr(wanted_type, "length", None)
+        found_length = getattr(found, "length", None)
+        if length and found_length and found_length < length and self.engine.dialect.name != "sqlite":
+            raise JobDatabaseError(
+                f"{where}: column {name!r} is {found}, narrower than the {expected} prefect-openeo writes. "
+                f"Widen it: `{fix}`."
+            )
+
+    def _upgrade(self, conn: sa.Connection, todo: list[str]) -> None:
+        quoted = self.engine.dialect.identifier_preparer.quote
+        types = {**COLUMNS, **WORKER_COLUMNS}
+        added = []
+        for item in todo:
+            kind, _, name = item.partition(":")
+            if kind == "column":
+                type_sql = (types[name]() if isinstance(types[name], type) else types[name]).compile(
+                    dialect=self.engine.dialect
+                )
+                conn.execute(sa.text(f"ALTER TABLE {quoted(self.table_name)} ADD COLUMN {quoted(name)} {type_sql}"))
+                added.append(name)
+            elif kind == "index":
+                next(ix for ix in self.table.indexes if ix.name == name).create(conn, checkfirst=True)
+        if "meta" in todo:
+            self.meta.create(conn, checkfirst=True)
+            idx_type = next(c["type"] for c in sa.inspect(conn).get_columns(self.table_name) if c["name"] == "idx")
+            self._write_meta(
+                conn, columns=[], index_type="integer" if isinstance(idx_type, sa.Integer) else "text", geometry=None
+            )
+        self._write_meta(conn, schema_version=SCHEMA_VERSION)
+        _log.warning(
+            f"Upgraded job database table {self.table_name!r} to schema version {SCHEMA_VERSION}"
+            + (f" (added columns {', '.join(added)})" if added else "")
+        )
+
     def _meta(self) -> dict[str, Any]:
         if self._meta_cache is None:
             with self.engine.connect() as conn:
-                rows = conn.execute(sa.select(self.meta.c.key, self.meta.c.value)).all()
-            self._meta_cache = {k: json.loads(v) for k, v in rows}
+                self._meta_cache = self._read_meta(conn)
             if self._meta_cache.get("index_type") == "text":
                 self._define(index_type=sa.String(255))
         return self._meta_cache
 
-    def _set_meta(self, conn: sa.Connection, **values: Any) -> None:
+    def _read_meta(self, conn: sa.Connection) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in conn.execute(sa.select(self.meta.c.key, self.meta.c.value)).all()}
+
+    def _write_meta(self, conn: sa.Connection, **values: Any) -> None:
         for key, value in values.items():
             conn.execute(sa.delete(self.meta).where(self.meta.c.key == key))
             conn.execute(sa.insert(self.meta).values(key=key, value=json.dumps(value)))
@@ -151,12 +300,12 @@ class SqlJobDatabase(JobDatabaseInterface):
 
     # -- creating ---------------------------------------------------------------------------------
     def initialize_from_df(self, df: pd.DataFrame, *, on_exists: str = "error") -> SqlJobDatabase:
-        """Create the table from a dataframe (normalized like openeo's job databases)."""
-        if self.exists():
-            if on_exists == "skip":
-                return self
-            if on_exists == "error":
-                raise FileExistsError(f"Job database {self!r} already exists.")
+        """Create the table from a dataframe (normalized like openeo's job databases).
+
+        Safe when several workers do it at once: exactly one creates the table, the others find it
+        (``on_exists="skip"``) or get ``FileExistsError`` (``"error"``).
+        """
+        if on_exists not in ("skip", "error"):
             raise ValueError(f"Invalid on_exists={on_exists!r}")
         from openeo.extra.job_management._manager import MultiBackendJobManager as _Upstream
 
@@ -165,21 +314,27 @@ class SqlJobDatabase(JobDatabaseInterface):
             raise JobDatabaseError(f"Job database {self!r}: duplicate index values in the dataframe")
         check_job_frame(df, source=repr(self))
         integer_index = pd.api.types.is_integer_dtype(df.index.dtype)
-        self._define(index_type=sa.BigInteger if integer_index else sa.String(255))
         geometry = getattr(df, "_geometry_column_name", None) if hasattr(df, "crs") else None
         crs = df.crs.to_string() if geometry and df.crs is not None else None
-        self._md.create_all(self.engine)
-        with self.engine.begin() as conn:
-            self._set_meta(
+        records = [self._record(index, row) for index, row in zip(df.index, df.to_dict("records"), strict=True)]
+        with self._tx() as conn:
+            if sa.inspect(conn).has_table(self.table_name):
+                if on_exists == "skip":
+                    return self
+                raise FileExistsError(f"Job database {self!r} already exists.")
+            self._define(index_type=sa.BigInteger if integer_index else sa.String(255))
+            self._md.create_all(conn)
+            self._write_meta(
                 conn,
                 columns=[str(c) for c in df.columns],
                 index_type="integer" if integer_index else "text",
                 geometry=geometry,
                 crs=crs,
+                schema_version=SCHEMA_VERSION,
             )
-            records = [self._record(index, row) for index, row in zip(df.index, df.to_dict("records"), strict=True)]
             for start in range(0, len(records), _CHUNK):
                 conn.execute(sa.insert(self.table), records[start : start + _CHUNK])
+        self._schema_checked = True
         return self
 
     @classmethod
@@ -190,13 +345,10 @@ class SqlJobDatabase(JobDatabaseInterface):
 
     def export(self, path: str | Path) -> Path:
         """Write the whole table to a CSV/Parquet/GeoParquet file (by extension), atomically."""
-        from prefect_openeo.jobdb.files import AtomicCsvJobDatabase, AtomicParquetJobDatabase
-
         path = Path(path)
         target = get_job_db(path)
         if path.exists():
             raise FileExistsError(f"{path} exists")
-        assert isinstance(target, (AtomicCsvJobDatabase, AtomicParquetJobDatabase))
         target.persist(self.read())
         return path
 
@@ -208,7 +360,7 @@ class SqlJobDatabase(JobDatabaseInterface):
             value = _plain(value)
             if key in COLUMNS:
                 record[key] = value
-            elif key not in _WORKER_COLUMNS:
+            elif key not in WORKER_COLUMNS:
                 data[str(key)] = value
         for key in COLUMNS:
             record.setdefault(key, None)
@@ -241,6 +393,7 @@ class SqlJobDatabase(JobDatabaseInterface):
         return df
 
     def _select(self, where: Any = None, limit: int | None = None) -> pd.DataFrame:
+        self._ready()
         self._meta()
         query = sa.select(self.table).order_by(self.table.c.idx)
         if where is not None:
@@ -255,6 +408,7 @@ class SqlJobDatabase(JobDatabaseInterface):
         return self._select()
 
     def count_by_status(self, statuses: Iterable[str] = ()) -> dict:
+        self._ready()
         statuses = list(statuses)
         query = sa.select(self.table.c.status, sa.func.count()).group_by(self.table.c.status)
         if statuses:
@@ -275,14 +429,21 @@ class SqlJobDatabase(JobDatabaseInterface):
 
     # -- writing ----------------------------------------------------------------------------------
     def persist(self, df: pd.DataFrame) -> None:
-        """Upsert the given rows (only those), merging their columns into what is stored."""
+        """Upsert the given rows (only those), merging their columns into what is stored.
+
+        A row that another live worker holds is not overwritten (its state is newer than ours); a row that
+        ended (and owes no download) is released by its owner.
+        """
         if df.empty:
             return
         if not self.exists():
             self.initialize_from_df(df)
             return
+        self._ready()
         meta = self._meta()
-        with self.engine.begin() as conn:
+        now = time.time()
+        held: list = []
+        with self._tx() as conn:
             indices = [_plain(i) for i in df.index]
             stored = {}
             for start in range(0, len(indices), _CHUNK):
@@ -290,53 +451,126 @@ class SqlJobDatabase(JobDatabaseInterface):
                 stored.update({row._mapping["idx"]: row._mapping for row in conn.execute(query)})
             new_columns = [str(c) for c in df.columns if str(c) not in meta.get("columns", []) and c not in COLUMNS]
             if new_columns:
-                self._set_meta(conn, columns=list(meta.get("columns", [])) + new_columns)
+                self._write_meta(conn, columns=list(meta.get("columns", [])) + new_columns)
             for index, row in zip(indices, df.to_dict("records"), strict=True):
                 update = self._record(index, row)
                 old = stored.get(index)
                 if old is None:
                     conn.execute(sa.insert(self.table).values(**update))
                     continue
+                if self._held_by_another(old["owner"], old["lease_until"], now):
+                    held.append(index)
+                    continue
                 data = json.loads(old["data"] or "{}")
                 data.update(json.loads(update["data"]))
                 values = {key: update[key] for key in COLUMNS if key in row}
                 values["data"] = json.dumps(data, default=str)
+                status = values.get("status", old["status"])
+                results = values.get("results", old["results"])
+                if status in TERMINAL and results != "pending":
+                    values.update(owner=None, lease_until=None)
                 conn.execute(sa.update(self.table).where(self.table.c.idx == index).values(**values))
+        if held:
+            _log.warning(
+                f"Not writing rows {held[:10]} of {self!r}: another live worker holds them now (their state there "
+                "is newer than this worker's)"
+            )
+
+    def _held_by_another(self, owner: str | None, lease_until: float | None, now: float) -> bool:
+        return bool(owner) and owner != self.worker_id and (lease_until or 0) >= now and not is_dead(owner)
 
     # -- shared use: claims with leases -----------------------------------------------------------
-    def _lock(self, conn: sa.Connection) -> None:
-        """Serialize claim decisions across workers (PostgreSQL advisory lock; SQLite locks on write)."""
-        if self.engine.dialect.name == "postgresql":
-            key = int.from_bytes(self.table_name.encode()[:8].ljust(8, b"\0"), "big") & 0x7FFFFFFFFFFFFFFF
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
-        else:
-            conn.execute(sa.update(self.meta).where(sa.false()).values(value=None))  # take SQLite's write lock
+    def _takeable(self, conn: sa.Connection, now: float) -> Any:
+        """Rows this worker may claim: its own, unowned, expired, or held by a process that is gone."""
+        t = self.table
+        owners = conn.execute(
+            sa.select(t.c.owner).where(t.c.owner.is_not(None), t.c.owner != self.worker_id).distinct()
+        ).scalars()
+        dead = [owner for owner in owners if is_dead(owner)]
+        return sa.or_(t.c.owner == self.worker_id, t.c.owner.is_(None), t.c.lease_until < now, t.c.owner.in_(dead))
+
+    def prepare_run(self, budgets: Mapping[str, int]) -> dict[str, int]:
+        """Start of a worker's run: record each backend's budget (``parallel_jobs``) where none is recorded,
+        say which applies where this worker's differs, and give failed downloads another go.
+
+        Returns the budget per backend that applies (the recorded one, which every worker's claims obey).
+        """
+        self._ready()
+        with self._tx() as conn:
+            recorded = dict(self._read_meta(conn).get("budgets") or {})
+            for name, budget in budgets.items():
+                if name not in recorded:
+                    recorded[name] = int(budget)
+                elif int(recorded[name]) != int(budget):
+                    _log.warning(
+                        f"Backend {name!r}: this worker's parallel_jobs={budget} differs from the budget "
+                        f"{recorded[name]} recorded in the shared job database {self!r}; {recorded[name]} applies "
+                        f"(to every worker). To change it for all workers: "
+                        f"SqlJobDatabase(url, table).set_budget({name!r}, N)."
+                    )
+            self._write_meta(conn, budgets=recorded)
+            t = self.table
+            conn.execute(
+                sa.update(t).where(t.c.status == "finished", t.c.results == "failed").values(results="pending")
+            )
+        return {name: int(recorded[name]) for name in budgets}
+
+    def set_budget(self, backend: str, parallel_jobs: int) -> None:
+        """Change a backend's budget for every worker of this database (applies from their next claim)."""
+        if not isinstance(parallel_jobs, int) or parallel_jobs < 0:
+            raise ValueError(f"parallel_jobs must be a non-negative int, got {parallel_jobs!r}")
+        self._ready()
+        with self._tx() as conn:
+            recorded = dict(self._read_meta(conn).get("budgets") or {})
+            recorded[backend] = parallel_jobs
+            self._write_meta(conn, budgets=recorded)
+
+    def budgets(self) -> dict[str, int]:
+        """The budget per backend recorded in the database."""
+        with self.engine.connect() as conn:
+            return {k: int(v) for k, v in (self._read_meta(conn).get("budgets") or {}).items()}
 
     def claim_active(self) -> pd.DataFrame:
-        """Active rows to track: this worker's, plus those whose owner's lease expired (taken over)."""
+        """Active rows to track: this worker's, plus those whose owner is gone (taken over); leases renewed."""
+        self._ready()
         now = time.time()
         t = self.table
-        mine = sa.or_(t.c.owner == self.worker_id, t.c.owner.is_(None), t.c.lease_until < now)
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             conn.execute(
                 sa.update(t)
-                .where(t.c.status.in_(ACTIVE), mine)
+                .where(t.c.status.in_(ACTIVE), self._takeable(conn, now))
                 .values(owner=self.worker_id, lease_until=now + self.lease_seconds)
             )
         return self._select(sa.and_(t.c.status.in_(ACTIVE), t.c.owner == self.worker_id))
 
-    def claim_new(self, budgets: dict[str, int], order: list[str], max_rows: int = 200) -> pd.DataFrame:
-        """Atomically pick ``not_started`` rows for backends with free slots (counted over all workers),
-        record a creation token and this worker's claim on each, and return them with ``planned_backend``.
-        """
-        from prefect_openeo.engine import assign_rows
-        from prefect_openeo.states import PENDING
+    def claim_unresolved(self) -> pd.DataFrame:
+        """``not_started`` rows with a recorded creation token (a creation that may or may not have reached
+        the backend) that no other live worker holds: claimed, for this worker to reconcile."""
+        self._ready()
+        now = time.time()
+        t = self.table
+        unresolved = sa.and_(t.c.status.in_(PENDING), t.c.create_token.is_not(None))
+        with self._tx() as conn:
+            conn.execute(
+                sa.update(t)
+                .where(unresolved, self._takeable(conn, now))
+                .values(owner=self.worker_id, lease_until=now + self.lease_seconds)
+            )
+        return self._select(sa.and_(unresolved, t.c.owner == self.worker_id))
 
+    def claim_new(self, caps: Mapping[str, int], order: list[str], max_rows: int = 200) -> pd.DataFrame:
+        """Atomically pick ``not_started`` rows for backends with free slots and record, on each, a creation
+        token, the planned backend and this worker's claim; returns them (with ``planned_backend``).
+
+        Free slots are the recorded budget less the active rows and unresolved creations of every worker,
+        capped by ``caps`` (this worker's own limit per backend, e.g. 0 while its lane is busy).
+        """
+        self._ready()
         t = self.table
         now = time.time()
-        live = sa.or_(t.c.owner == self.worker_id, t.c.lease_until >= now)
-        with self.engine.begin() as conn:
-            self._lock(conn)
+        with self._tx() as conn:
+            recorded = self._read_meta(conn).get("budgets") or {}
+            budgets = {name: min(int(recorded.get(name, 0)), caps.get(name, 0)) for name in order}
             active = dict(
                 conn.execute(
                     sa.select(t.c.backend_name, sa.func.count())
@@ -344,22 +578,20 @@ class SqlJobDatabase(JobDatabaseInterface):
                     .group_by(t.c.backend_name)
                 ).all()
             )
-            reserved = dict(
+            unresolved = dict(
                 conn.execute(
                     sa.select(t.c.planned_backend, sa.func.count())
-                    .where(
-                        t.c.status.in_(PENDING), t.c.create_token.is_not(None), t.c.planned_backend.is_not(None), live
-                    )
+                    .where(t.c.status.in_(PENDING), t.c.create_token.is_not(None))
                     .group_by(t.c.planned_backend)
                 ).all()
             )
-            free = {name: budgets.get(name, 0) - active.get(name, 0) - reserved.get(name, 0) for name in order}
+            free = free_slots(budgets, active, unresolved)
             total = sum(max(0, f) for f in free.values())
             if total <= 0:
                 return self._select(sa.false())
             claimable = sa.and_(
                 t.c.status.in_(PENDING),
-                sa.or_(t.c.owner.is_(None), t.c.lease_until < now),
+                t.c.create_token.is_(None),
                 sa.or_(t.c.retry_after.is_(None), t.c.retry_after <= rfc3339.now_utc()),
             )
             query = sa.select(t).where(claimable).order_by(t.c.idx).limit(max(max_rows, 4 * total))
@@ -368,7 +600,7 @@ class SqlJobDatabase(JobDatabaseInterface):
             chosen = []
             for backend, indices in plan.items():
                 for index in indices:
-                    token = f"poj-{uuid.uuid4().hex[:12]}"
+                    token = new_token()
                     conn.execute(
                         sa.update(t)
                         .where(t.c.idx == _plain(index))
@@ -388,22 +620,50 @@ class SqlJobDatabase(JobDatabaseInterface):
         return out
 
     def unclaim(self, indices: Iterable[Any]) -> None:
-        """Give back claimed ``not_started`` rows this worker will not create after all."""
+        """Give back claimed ``not_started`` rows whose creation this worker did not begin after all."""
         t = self.table
         indices = [_plain(i) for i in indices]
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             conn.execute(
                 sa.update(t)
-                .where(t.c.idx.in_(indices), t.c.owner == self.worker_id, t.c.status == "not_started")
+                .where(t.c.idx.in_(indices), t.c.owner == self.worker_id, t.c.status.in_(PENDING))
                 .values(owner=None, lease_until=None, planned_backend=None, create_token=None)
             )
 
-    def stale_creations(self) -> pd.DataFrame:
-        """``not_started`` rows with a creation token that no live worker holds (a crashed creation)."""
-        t = self.table
+    def claim_downloads(self, limit: int, exclude: Iterable[Any] = (), backends: Iterable[str] = ()) -> pd.DataFrame:
+        """Up to ``limit`` finished rows (of ``backends``) whose results are ``pending`` and that no other live
+        worker holds, claimed for this worker to download (``exclude``: rows it is busy with already)."""
+        self._ready()
+        if limit <= 0:
+            return self._select(sa.false())
         now = time.time()
-        orphaned = sa.or_(t.c.owner.is_(None), t.c.owner == self.worker_id, t.c.lease_until < now)
-        return self._select(sa.and_(t.c.status == "not_started", t.c.create_token.is_not(None), orphaned))
+        t = self.table
+        owed = self._owed(backends)
+        excluded = [_plain(i) for i in exclude]
+        with self._tx() as conn:
+            query = sa.select(t.c.idx).where(owed, self._takeable(conn, now)).order_by(t.c.idx).limit(limit)
+            if excluded:
+                query = query.where(t.c.idx.not_in(excluded))
+            chosen = list(conn.execute(query).scalars())
+            if chosen:
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.idx.in_(chosen))
+                    .values(owner=self.worker_id, lease_until=now + self.lease_seconds)
+                )
+        return self._select(t.c.idx.in_(chosen)) if chosen else self._select(sa.false())
+
+    def pending_downloads(self, backends: Iterable[str] = ()) -> int:
+        """Finished rows (of ``backends``) whose results are still owed, whoever holds them."""
+        self._ready()
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(self._owed(backends))).scalar_one())
+
+    def _owed(self, backends: Iterable[str]) -> Any:
+        t = self.table
+        owed = sa.and_(t.c.status == "finished", t.c.results == "pending")
+        backends = list(backends)
+        return sa.and_(owed, t.c.backend_name.in_(backends)) if backends else owed
 
     def unknown_backends(self, statuses: list[str], known: list[str]) -> pd.DataFrame:
         """Rows with one of ``statuses`` naming a backend not in ``known`` (at most 10)."""
@@ -413,18 +673,26 @@ class SqlJobDatabase(JobDatabaseInterface):
 
     def release(self) -> None:
         """Give up this worker's claims (at the end of a run), so others need not wait for leases."""
-        with self.engine.begin() as conn:
+        with self._tx() as conn:
             t = self.table
             conn.execute(sa.update(t).where(t.c.owner == self.worker_id).values(owner=None, lease_until=None))
 
     def drop(self) -> None:
-        """Delete the table (tests, tooling)."""
+        """Delete the table and its meta table (tests, tooling)."""
         self._md.drop_all(self.engine)
         self._meta_cache = None
+        self._schema_checked = False
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy emits BEGIN itself (see _sqlite_begin), so transactions cover DDL and take the write lock
+    # up front when asked: the driver's own implicit transactions would do neither.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _sqlite_begin(conn: sa.Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate") else "BEGIN")

@@ -1,0 +1,112 @@
+"""The engine's row bookkeeping on a job database that one run works alone: any openeo
+``JobDatabaseInterface`` (CSV, Parquet, or your own class).
+
+It offers the same calls as the SQL job database's claims (``SqlJobDatabase``), without owners or leases:
+the intent to create a job (token and planned backend) and the download state of its results are still
+recorded in the rows, before the action they describe, so a rerun knows exactly what was under way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pandas as pd
+from openeo.extra.job_management import JobDatabaseInterface
+
+from prefect_openeo.frames import blank, column, set_cell
+from prefect_openeo.placement import assign_rows, free_slots, new_token
+from prefect_openeo.states import ACTIVE, PENDING
+
+TOKEN_COLUMN = "create_token"
+PLANNED_COLUMN = "planned_backend"
+RESULTS_COLUMN = "results"
+
+
+def unresolved_mask(df: pd.DataFrame) -> pd.Series:
+    """``not_started`` rows with a recorded creation token."""
+    return df["status"].isin(PENDING) & ~column(df, TOKEN_COLUMN).map(blank)
+
+
+def owed_results_mask(df: pd.DataFrame, state: str = "pending") -> pd.Series:
+    """Finished rows whose results are in ``state``."""
+    return (df["status"] == "finished") & (column(df, RESULTS_COLUMN) == state)
+
+
+class LocalRows:
+    """Row claims on a job database worked by this run alone."""
+
+    shared = False
+
+    def __init__(self, job_db: JobDatabaseInterface):
+        self.job_db = job_db
+        self.budgets: dict[str, int] = {}
+
+    def prepare_run(self, budgets: Mapping[str, int]) -> dict[str, int]:
+        """Give failed downloads another go; the budgets are this run's own."""
+        self.budgets = dict(budgets)
+        finished = self.job_db.get_by_status(statuses=["finished"])
+        failed = finished[owed_results_mask(finished, "failed")].copy()
+        if not failed.empty:
+            failed[RESULTS_COLUMN] = "pending"
+            self.job_db.persist(failed[[RESULTS_COLUMN]])
+        return dict(budgets)
+
+    def claim_active(self) -> pd.DataFrame:
+        return self.job_db.get_by_status(statuses=list(ACTIVE))
+
+    def claim_unresolved(self) -> pd.DataFrame:
+        pending = self.job_db.get_by_status(statuses=list(PENDING))
+        return pending[unresolved_mask(pending)].copy()
+
+    def claim_new(self, caps: Mapping[str, int], order: list[str], max_rows: int = 200) -> pd.DataFrame:
+        """Pick ``not_started`` rows for backends with free slots (their budget, at most ``caps``); record a
+        token and the planned backend on each (persisted before any job is created) and return them."""
+        budgets = {name: min(self.budgets.get(name, 0), caps.get(name, 0)) for name in order}
+        active = self.job_db.get_by_status(statuses=list(ACTIVE))
+        pending = self.job_db.get_by_status(statuses=list(PENDING))
+        unresolved = pending[unresolved_mask(pending)]
+        free = free_slots(
+            budgets,
+            active.groupby("backend_name").size().to_dict() if not active.empty else {},
+            column(unresolved, PLANNED_COLUMN).value_counts().to_dict(),
+        )
+        total = sum(max(0, f) for f in free.values())
+        if total <= 0:
+            return pending.iloc[0:0]
+        candidates = pending[~unresolved_mask(pending)].head(max(max_rows, 4 * total))
+        plan = assign_rows(candidates, free, order)
+        chosen = [(index, name) for name in order for index in plan.get(name, [])]
+        if not chosen:
+            return pending.iloc[0:0]
+        planned = candidates.loc[[i for i, _ in chosen]].copy()
+        for index, name in chosen:
+            set_cell(planned, index, TOKEN_COLUMN, new_token())
+            set_cell(planned, index, PLANNED_COLUMN, name)
+        self.job_db.persist(planned)
+        return planned
+
+    def unclaim(self, indices: Iterable[Any]) -> None:
+        rows = self.job_db.get_by_indices(list(indices)).copy()
+        for index in rows.index:
+            set_cell(rows, index, TOKEN_COLUMN, None)
+            set_cell(rows, index, PLANNED_COLUMN, None)
+        if not rows.empty:
+            self.job_db.persist(rows)
+
+    def claim_downloads(self, limit: int, exclude: Iterable[Any] = (), backends: Iterable[str] = ()) -> pd.DataFrame:
+        finished = self.job_db.get_by_status(statuses=["finished"])
+        owed = finished[owed_results_mask(finished) & ~finished.index.isin(list(exclude))]
+        if backends:
+            owed = owed[owed["backend_name"].isin(list(backends))]
+        return owed.head(max(0, limit)).copy()
+
+    def pending_downloads(self, backends: Iterable[str] = ()) -> int:
+        finished = self.job_db.get_by_status(statuses=["finished"])
+        owed = owed_results_mask(finished)
+        if backends:
+            owed &= finished["backend_name"].isin(list(backends))
+        return int(owed.sum())
+
+    def release(self) -> None:
+        """Nothing is held beyond the run."""
