@@ -201,6 +201,12 @@ class JobEngine:
         self._check_backend_names()
         self._check_backends()
         self._budgets = self.rows.prepare_run(self._budgets)
+        elsewhere = self.rows.pending_downloads() - self.rows.pending_downloads(list(self.backends))
+        if elsewhere:
+            _log.warning(
+                f"{elsewhere} finished row(s) owe result downloads from backends not registered in this run: "
+                "they stay pending (register their backends to download them)"
+            )
         self._reconcile_unplanned()
         try:
             while not self.should_stop() and self.has_work():
@@ -212,10 +218,19 @@ class JobEngine:
                 self._sleep()
         finally:
             self.gate.close()
-            if not self._busy():
-                self.rows.release()
+            self._release()
             self.observer.run_done(self.job_db, self.stats, dict(self._problems))
         return self.stats
+
+    def _release(self) -> None:
+        """At the end of a run: apply what is done, give up every claim but those of work still under way
+        (a creation or download a stopped run's threads may yet finish), so no one waits for leases."""
+        try:
+            self._collect()
+        except Exception as e:  # already raised once by the loop, or a lane that failed as the run stopped
+            _log.debug(f"Ignoring an error of work that ended with the run: {e!r}")
+        keep = [i for lane in self._lanes.values() if lane.busy() for i in lane.creating] + list(self._downloading)
+        self.rows.release(keep)
 
     def has_work(self) -> bool:
         return (

@@ -68,13 +68,17 @@ class Lane:
     def __init__(self, name: str):
         self.name = name
         self.future: concurrent.futures.Future | None = None
+        #: Rows whose creation the current work may be doing (kept claimed if the run stops meanwhile).
+        self.creating: list = []
 
     def busy(self) -> bool:
-        return self.future is not None and not self.future.done()
+        """Working, or done with a result the engine has not applied yet (new work would lose it)."""
+        return self.future is not None
 
     def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         if self.busy():
             raise RuntimeError(f"Lane {self.name!r} is busy")
+        self.creating = list(getattr(fn, "creating", []))
         self.future = run_in_thread(fn, f"prefect-openeo-{self.name}")
         return self.future
 
@@ -147,6 +151,11 @@ class BackendWork:
         self.active_indices = list(active.index)
         self.new_indices = list(new.index)
         self.unresolved_indices = list(unresolved.index)
+
+    @property
+    def creating(self) -> list:
+        """Rows whose creation this work may be doing."""
+        return self.new_indices + self.unresolved_indices
 
     def __call__(self) -> LaneResult:
         try:

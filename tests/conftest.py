@@ -38,6 +38,38 @@ def prefect_api():
         yield
 
 
+POSTGRES_URL = os.environ.get("PREFECT_OPENEO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def postgres_engine():
+    """The PostgreSQL of this machine. Missing, it is a failure, not a skip: the shared mode needs it."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as e:
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is not reachable: {e}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_table(postgres_engine):
+    """A fresh table name in the test PostgreSQL, dropped (with its meta table) afterwards."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    table = f"jobs_{uuid.uuid4().hex[:10]}"
+    yield table
+    with postgres_engine.begin() as conn:
+        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
+        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}_meta"'))
+
+
 def ndvi_job(row: pd.Series, connection: openeo.Connection, **kwargs) -> openeo.BatchJob:
     """A typical user callback: an NDVI job over the row's bbox and year."""
     year = int(row["year"])

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import collections
-import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import geopandas as gpd
 import openeo
 import pytest
-import sqlalchemy as sa
-from conftest import max_overlap, ndvi_job, tiles_df
+from conftest import POSTGRES_URL, max_overlap, ndvi_job, tiles_df
 from shapely.geometry import box
 
 from prefect_openeo import MultiBackendJobManager, create_job_db, get_job_db
@@ -22,30 +19,7 @@ from prefect_openeo.jobdb.sql import SqlJobDatabase
 
 pytestmark = pytest.mark.timeout(180)
 
-POSTGRES_URL = os.environ.get("PREFECT_OPENEO_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 WORKER = str(Path(__file__).parent / "sql_worker.py")
-
-
-@pytest.fixture(scope="session")
-def postgres_engine():
-    """The PostgreSQL of this machine. Missing, it is a failure, not a skip: the shared mode needs it."""
-    engine = sa.create_engine(POSTGRES_URL)
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("select 1"))
-    except Exception as e:
-        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is not reachable: {e}")
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def pg_table(postgres_engine):
-    table = f"jobs_{uuid.uuid4().hex[:10]}"
-    yield table
-    with postgres_engine.begin() as conn:
-        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
-        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}_meta"'))
 
 
 def tiles_gdf(n: int) -> gpd.GeoDataFrame:

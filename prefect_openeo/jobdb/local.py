@@ -108,5 +108,5 @@ class LocalRows:
             owed &= finished["backend_name"].isin(list(backends))
         return int(owed.sum())
 
-    def release(self) -> None:
+    def release(self, keep: Iterable[Any] = ()) -> None:
         """Nothing is held beyond the run."""

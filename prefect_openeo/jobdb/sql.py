@@ -62,6 +62,8 @@ COLUMNS: dict[str, Any] = {
     "retry_count": sa.Integer,
     "retry_after": sa.String(64),
 }
+#: Bookkeeping columns every frame has (as openeo's ``normalize_df`` adds them).
+UPSTREAM_COLUMNS = ("status", "id", "backend_name", "start_time", "running_start_time", "costs")
 #: Who holds a row; not shown in dataframes.
 WORKER_COLUMNS: dict[str, Any] = {"owner": sa.String(255), "lease_until": sa.Float}
 #: Columns without which a table is not a job database of ours.
@@ -378,6 +380,7 @@ class SqlJobDatabase(JobDatabaseInterface):
             records.append(record)
             index.append(mapping["idx"])
         columns = list(meta.get("columns") or [])
+        columns += [c for c in UPSTREAM_COLUMNS if c not in columns]  # as openeo's job databases always have
         extra = dict.fromkeys(c for r in records for c in r if c not in columns)
         # Bookkeeping columns the table never had show up once some row has a value in them.
         columns += [c for c in extra if c not in COLUMNS or any(r.get(c) is not None for r in records)]
@@ -671,11 +674,15 @@ class SqlJobDatabase(JobDatabaseInterface):
         where = sa.and_(t.c.status.in_(statuses), t.c.backend_name.is_not(None), t.c.backend_name.not_in(known))
         return self._select(where, limit=10)
 
-    def release(self) -> None:
-        """Give up this worker's claims (at the end of a run), so others need not wait for leases."""
+    def release(self, keep: Iterable[Any] = ()) -> None:
+        """Give up this worker's claims (at the end of a run) but those of rows in ``keep``, so others need not
+        wait for leases."""
+        t = self.table
+        mine = t.c.owner == self.worker_id
+        kept = [_plain(i) for i in keep]
         with self._tx() as conn:
-            t = self.table
-            conn.execute(sa.update(t).where(t.c.owner == self.worker_id).values(owner=None, lease_until=None))
+            where = sa.and_(mine, t.c.idx.not_in(kept)) if kept else mine
+            conn.execute(sa.update(t).where(where).values(owner=None, lease_until=None))
 
     def drop(self) -> None:
         """Delete the table and its meta table (tests, tooling)."""
