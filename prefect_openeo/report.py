@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +14,8 @@ import pandas as pd
 from prefect_openeo.states import ACTIVE, ALL
 
 if TYPE_CHECKING:
+    import geopandas as gpd
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 #: Colours of statuses in the pictures (the same everywhere, so a legend can be learned once).
@@ -206,11 +210,11 @@ def _status_order(statuses: Any) -> list[str]:
     return [s for s in ALL if s in present] + sorted(present - set(ALL))
 
 
-def _new_figure(width: int, height: int) -> Figure:
+def _new_figure(width: int, height: int, layout: str | None = "constrained") -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, layout=layout)
     FigureCanvasAgg(fig)  # drawn off-screen, whatever pyplot backend the caller uses
     return fig
 
@@ -357,34 +361,113 @@ def plot_timeline(
     return _save(timeline_figure(df, width=width, height=height, now=now), path)
 
 
-def plot_map(df: pd.DataFrame, path: str | Path, *, width: int = 1000, height: int = 800) -> Path:
-    """A PNG map of the tiles coloured by status, with a legend."""
-    import geopandas as gpd
-    import matplotlib
+def _degrees(positive: str, negative: str) -> Callable[[float, Any], str]:
+    def label(value: float, _position: Any = None) -> str:
+        hemisphere = positive if value > 0 else negative if value < 0 else ""
+        return f"{round(abs(value), 6):g}°{hemisphere}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return label
+
+
+def _in_degrees(tiles: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, bool]:
+    """The tiles in EPSG:4326 when their CRS says how; whether their coordinates are lon/lat degrees."""
+    if tiles.crs is not None:
+        return (tiles if tiles.crs.to_epsg() == 4326 else tiles.to_crs("EPSG:4326")), True
+    west, south, east, north = tiles.total_bounds
+    return tiles, -180 <= west <= east <= 180 and -90 <= south <= north <= 90
+
+
+def _outline(ax: Axes, tiles: gpd.GeoDataFrame) -> Any:
+    """Draw the outline of the area the tiles cover; returns a line for the legend."""
+    import shapely
+
+    lines = []
+    for part in shapely.get_parts(tiles.geometry.union_all().boundary):
+        xs, ys = part.xy
+        lines += ax.plot(xs, ys, color="black", linewidth=1.2, gid="area-outline")
+    return lines[0] if lines else None
+
+
+#: Room (pixels) around the map for the title, tick labels, axis labels and a legend on the right.
+MAP_MARGINS = {"left": 85, "right": 15, "top": 35, "bottom": 50, "legend": 250}
+
+
+def _fit(width: float, height: float, ratio: float) -> tuple[float, float]:
+    """The largest box of display ``ratio`` (width / height) in ``width`` x ``height``."""
+    return (height * ratio, height) if width / height > ratio else (width, width / ratio)
+
+
+def _map_axes(fig: Figure, ratio: float, entries: int) -> tuple[Axes, dict[str, Any]]:
+    """An axes of display ``ratio``, as large as fits with its legend (on the right or below, whichever leaves
+    the larger map), centred; and where to put the legend."""
+    width, height = fig.get_size_inches() * fig.dpi
+    m = MAP_MARGINS
+    free_w, free_h = width - m["left"] - m["right"], height - m["top"] - m["bottom"]
+    below_h = 22 * math.ceil(entries / min(4, entries)) + 5
+    right = math.prod(_fit(free_w - m["legend"], free_h, ratio)) >= math.prod(_fit(free_w, free_h - below_h, ratio))
+    legend_w, legend_h = (m["legend"], 0) if right else (0, below_h)
+    map_w, map_h = _fit(free_w - legend_w, free_h - legend_h, ratio)
+    left = (width - m["left"] - map_w - legend_w - m["right"]) / 2 + m["left"]
+    bottom = (height - m["top"] - map_h - legend_h - m["bottom"]) / 2 + m["bottom"] + legend_h
+    ax = fig.add_axes((left / width, bottom / height, map_w / width, map_h / height))
+    if right:
+        return ax, {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "ncol": 1}
+    return ax, {"loc": "upper center", "bbox_to_anchor": (0.5, -(m["bottom"] - 8) / map_h), "ncol": min(4, entries)}
+
+
+def map_figure(df: pd.DataFrame, *, width: int = 1000, height: int = 800) -> Figure:
+    """The tiles coloured by status on lon/lat axes, the outline of the area they cover, and a legend."""
+    import geopandas as gpd
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     if not isinstance(df, gpd.GeoDataFrame) or df.geometry.isna().all():
         raise ValueError("The job database has no geometry to draw a map of (create it with `prefect-openeo init`)")
-    fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
-    present = [s for s in ALL if (df["status"] == s).any()]
+    tiles, degrees = _in_degrees(df[df.geometry.notna() & ~df.geometry.is_empty])
+    west, south, east, north = tiles.total_bounds
+    margin = max(east - west, north - south) * 0.04 or 0.01
+    # a degree of longitude is shorter than one of latitude, by the cosine of the latitude
+    aspect = 1 / math.cos(math.radians(max(-89.0, min(89.0, (south + north) / 2)))) if degrees else 1.0
+    statuses = tiles["status"].astype(str)
+    present = _status_order(statuses)
+
+    fig = _new_figure(width, height, layout=None)
+    ratio = (east - west + 2 * margin) / ((north - south + 2 * margin) * aspect)
+    ax, legend_placement = _map_axes(fig, ratio, len(present) + 1)
+    handles: list[Any] = []
     for status in present:
-        df[df["status"] == status].plot(ax=ax, color=STATUS_COLORS[status], edgecolor="white", linewidth=0.5)
-    ax.legend(
-        handles=[Patch(color=STATUS_COLORS[s], label=f"{s} ({int((df['status'] == s).sum())})") for s in present],
-        loc="upper left",
-        bbox_to_anchor=(1.01, 1),
-        frameon=False,
-    )
-    ax.set_title(f"{len(df)} tiles by status")
-    ax.set_axis_off()
-    fig.subplots_adjust(left=0.02, right=0.78, top=0.93, bottom=0.02)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        colour = STATUS_COLORS.get(status, "#000000")
+        mine = tiles[statuses == status]
+        mine.plot(ax=ax, color=colour, edgecolor="white", linewidth=0.5)
+        handles.append(Patch(color=colour, label=f"{status} ({len(mine)})"))
+    if _outline(ax, tiles) is not None:
+        handles.append(Line2D([], [], color="black", linewidth=1.2, label="area covered (union of the tiles)"))
+    ax.set_xlim(west - margin, east + margin)
+    ax.set_ylim(south - margin, north + margin)
+    ax.set_aspect(aspect)
+    position = ax.get_position()  # about a tick per 80 pixels
+    ax.xaxis.set_major_locator(MaxNLocator(max(4, int(position.width * width / 80)), steps=[1, 2, 2.5, 5, 10]))
+    ax.yaxis.set_major_locator(MaxNLocator(max(4, int(position.height * height / 80)), steps=[1, 2, 2.5, 5, 10]))
+    if degrees:
+        ax.xaxis.set_major_formatter(FuncFormatter(_degrees("E", "W")))
+        ax.yaxis.set_major_formatter(FuncFormatter(_degrees("N", "S")))
+    ax.set_xlabel("longitude" if degrees else "x")
+    ax.set_ylabel("latitude" if degrees else "y")
+    ax.tick_params(labelsize=8)
+    ax.grid(color="0.85", linewidth=0.5)
+    ax.set_axisbelow(True)
+    title = f"{len(tiles)} tiles by status"
+    if len(df) > len(tiles):
+        title += f" ({len(df) - len(tiles)} rows without geometry not drawn)"
+    ax.set_title(title)
+    ax.legend(handles=handles, fontsize=9, frameon=False, **legend_placement)
+    return fig
+
+
+def plot_map(df: pd.DataFrame, path: str | Path, *, width: int = 1000, height: int = 800) -> Path:
+    """A PNG map of the tiles by status (see :func:`map_figure`)."""
+    return _save(map_figure(df, width=width, height=height), path)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

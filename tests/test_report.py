@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import random
 
+import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.colors import to_hex
 from PIL import Image
+from shapely.geometry import box
 
 from prefect_openeo.report import (
     STATUS_COLORS,
     WAITING_COLOR,
+    map_figure,
+    plot_map,
     plot_timeline,
     timeline_figure,
     usage_seconds,
@@ -233,3 +238,58 @@ def test_what_a_row_does_not_record_is_shown_as_unknown():
 def test_a_timeline_without_started_jobs_says_so():
     fig = timeline_figure(pd.DataFrame({"status": ["not_started"] * 3, "start_time": [None] * 3}))
     assert [t.get_text() for t in fig.axes[0].texts] == ["no job has started yet"]
+
+
+def tiles(statuses: list[str]) -> gpd.GeoDataFrame:
+    """24 tiles of 0.25° x 0.1° around 60°N, an L-shaped area (the top right corner is left out)."""
+    cells = [(col, row) for row in range(5) for col in range(6) if not (row >= 3 and col >= 3)][:24]
+    geometry = [box(10 + 0.25 * c, 60 + 0.1 * r, 10 + 0.25 * (c + 1), 60 + 0.1 * (r + 1)) for c, r in cells]
+    return gpd.GeoDataFrame({"status": statuses}, geometry=geometry, crs="EPSG:4326")
+
+
+def test_map_has_coordinates_an_outline_and_a_legend_with_counts(tmp_path):
+    statuses = ["finished"] * 12 + ["error"] * 3 + ["running"] * 4 + ["queued"] * 2 + ["not_started"] * 3
+    df = tiles(statuses)
+    fig = map_figure(df)
+    ax = fig.axes[0]
+    texts, _ = legend(fig)
+
+    assert texts == [
+        "not_started (3)",
+        "queued (2)",
+        "running (4)",
+        "finished (12)",
+        "error (3)",
+        "area covered (union of the tiles)",
+    ]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("longitude", "latitude")
+    xticks, yticks = visible_ticks(ax.xaxis), visible_ticks(ax.yaxis)
+    assert xticks and all(t.endswith("°E") for t in xticks)
+    assert yticks and all(t.endswith("°N") for t in yticks)
+    assert "60.2°N" in yticks
+
+    # a tight extent: the tiles and a small margin
+    west, south, east, north = df.total_bounds
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    assert x0 < west and x1 > east and y0 < south and y1 > north
+    assert (x1 - x0) < 1.1 * (east - west) and (y1 - y0) < 1.1 * (north - south) + 0.1 * (east - west)
+    # a degree of longitude at 60°N is half as long as a degree of latitude
+    assert ax.get_aspect() == pytest.approx(1 / math.cos(math.radians(60.25)))
+
+    # the outline follows the L-shaped area: 6 corners, closed
+    outline = [line for line in ax.lines if line.get_gid() == "area-outline"]
+    assert len(outline) == 1
+    corners = {(round(x, 6), round(y, 6)) for x, y in outline[0].get_xydata()}
+    assert {(10.0, 60.0), (11.5, 60.0), (11.5, 60.3), (10.75, 60.3), (10.75, 60.5), (10.0, 60.5)} <= corners
+
+    path = plot_map(df, tmp_path / "map.png")
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (1000, 800)
+    assert {STATUS_COLORS[s] for s in set(statuses)} <= png_colours(path)
+
+
+def test_map_of_projected_tiles_is_drawn_in_lon_lat():
+    df = tiles(["finished"] * 24).to_crs("EPSG:3857")
+    ax = map_figure(df).axes[0]
+    x0, x1 = ax.get_xlim()
+    assert 9.9 < x0 < 10 and 11.5 < x1 < 11.6
