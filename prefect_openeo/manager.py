@@ -24,7 +24,14 @@ from openeo.extra.job_management._manager import MultiBackendJobManager as _Upst
 from prefect_openeo.backends import Backend
 from prefect_openeo.downloads import DownloadReport
 from prefect_openeo.engine import JobEngine, Observer, RunSettings, SlotGate, cancel_after
-from prefect_openeo.jobdb.files import JobDatabaseError, resolve_job_db
+from prefect_openeo.jobdb.files import (
+    AtomicCsvJobDatabase,
+    AtomicParquetJobDatabase,
+    JobDatabaseError,
+    check_job_frame,
+    normalize_job_frame,
+    resolve_job_db,
+)
 from prefect_openeo.steps import Steps, save_error_logs
 
 _log = logging.getLogger("prefect_openeo")
@@ -135,6 +142,9 @@ class MultiBackendJobManager:
         job_db = resolve_job_db(job_db)
         if job_db.exists():
             _log.info(f"Resuming `run_jobs` from existing {job_db}")
+            if isinstance(job_db, (AtomicCsvJobDatabase, AtomicParquetJobDatabase)):  # files take any table
+                check_job_frame(job_db.df, source=str(job_db.path))
+                normalize_job_frame(job_db.df)
         elif df is not None:
             if not df.index.is_unique:
                 dups = sorted({str(i) for i in df.index[df.index.duplicated()]})[:5]

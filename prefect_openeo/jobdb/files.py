@@ -1,8 +1,28 @@
-"""CSV and Parquet job databases that never lose what they held.
+"""CSV and Parquet job databases that never lose what they held: drop-ins for openeo's.
 
-openeo's ``CsvJobDatabase``/``ParquetJobDatabase`` rewrite the file in place: a crash mid-write truncates
-the job database. These subclasses keep openeo's file format and API but write aside, fsync and rename,
-and refuse to write back fewer rows than the file held.
+``AtomicCsvJobDatabase``/``AtomicParquetJobDatabase`` subclass openeo's ``CsvJobDatabase``/
+``ParquetJobDatabase``: same file formats, same ``read`` (any table, WKT geometries decoded, GeoParquet
+kept), same ``persist``/``initialize_from_df``/``get_by_status``/``count_by_status``. ``read`` and
+``persist`` do not judge the table's shape: the manager checks it once, with ``check_job_frame``, when it
+opens a job database to run it. Deliberate differences from openeo's classes:
+
+- Atomic writes: ``persist`` writes a temporary file beside the job database, fsyncs and renames it over
+  the file, so a crash or a full disk leaves the previous version intact (openeo rewrites in place).
+- Never fewer rows: ``persist`` raises ``JobDatabaseError`` instead of writing fewer rows than the file
+  held when this object last read or wrote it.
+- Clear errors: a file that cannot be read (empty, binary noise, truncated Parquet, unclosed quote, a
+  folder) raises ``JobDatabaseError`` (a ``ValueError``) naming the file, chained to pandas' or pyarrow's
+  error; a typed column that does not parse names the column, value and row. A missing file still raises
+  ``FileNotFoundError``.
+- Merge, not replace: ``persist`` on an object that has not read its file yet merges the given rows into
+  what the file holds (openeo's would write the given rows alone and lose the others). Rows with index
+  values the database does not have are added (openeo's merge drops them).
+- Cleared cells are cleared: an empty value (None/NaN) in a persisted row empties that cell (openeo's
+  merge skips empty values, so a cleared job id would stay).
+- The class names differ, so ``repr`` reads ``AtomicCsvJobDatabase('jobs.csv')``.
+
+``get_job_db``/``create_job_db`` return these classes, and also SQL job databases for ``.db``/``.sqlite``
+paths and SQLAlchemy URLs.
 """
 
 from __future__ import annotations
@@ -19,6 +39,7 @@ from openeo.extra.job_management import (
     JobDatabaseInterface,
     ParquetJobDatabase,
 )
+from openeo.extra.job_management._manager import MultiBackendJobManager as _UpstreamManager
 from openeo.util import rfc3339
 
 from prefect_openeo.states import ALL
@@ -67,14 +88,13 @@ class _AtomicMixin:
         raise NotImplementedError
 
     def read(self) -> pd.DataFrame:
+        """The whole table, as openeo's class reads it; ``JobDatabaseError`` naming the file if unreadable."""
         try:
             df = self._read_file()
-        except FileNotFoundError:
+        except (FileNotFoundError, JobDatabaseError):
             raise
         except Exception as e:
             raise JobDatabaseError(f"Job database {str(self.path)!r} cannot be read: {e}") from e
-        check_job_frame(df, source=str(self.path))
-        df = normalize_job_frame(df)
         self._rows_read = max(self._rows_read, len(df))
         return df
 
@@ -125,14 +145,15 @@ class _AtomicMixin:
 
 
 class AtomicCsvJobDatabase(_AtomicMixin, CsvJobDatabase):
-    """openeo's ``CsvJobDatabase``, persisted atomically."""
+    """openeo's ``CsvJobDatabase``, persisted atomically (see the module docstring for the differences)."""
 
     def _read_file(self) -> pd.DataFrame:
         try:
             return CsvJobDatabase.read(self)
-        except ValueError:
-            # A typed column failed to parse: read it all as text to say which row and column.
-            check_job_frame(pd.read_csv(self.path, dtype=str), source=str(self.path))
+        except ValueError as e:
+            problem = _unparsable_number(self.path)
+            if problem:
+                raise JobDatabaseError(f"Job database {str(self.path)!r}: {problem}") from e
             raise
 
     def _write(self, df: pd.DataFrame, tmp: Path) -> None:
@@ -140,7 +161,7 @@ class AtomicCsvJobDatabase(_AtomicMixin, CsvJobDatabase):
 
 
 class AtomicParquetJobDatabase(_AtomicMixin, ParquetJobDatabase):
-    """openeo's ``ParquetJobDatabase``, persisted atomically."""
+    """openeo's ``ParquetJobDatabase``, persisted atomically (see the module docstring for the differences)."""
 
     def _read_file(self) -> pd.DataFrame:
         return ParquetJobDatabase.read(self)
@@ -149,7 +170,7 @@ class AtomicParquetJobDatabase(_AtomicMixin, ParquetJobDatabase):
         df.to_parquet(tmp, index=False)
 
 
-#: Bookkeeping columns a job database may lack: they are added (empty) when it is read.
+#: Bookkeeping columns a job database may lack: ``normalize_job_frame`` adds them (empty) for a run.
 OPTIONAL_COLUMNS = ("id", "backend_name", "start_time", "running_start_time", "costs")
 
 
@@ -160,7 +181,10 @@ def _where(df: pd.DataFrame, mask: pd.Series) -> str:
 
 
 def check_job_frame(df: pd.DataFrame, *, source: str) -> None:
-    """Raise a ``JobDatabaseError`` naming the file, rows and column for a frame the manager cannot use."""
+    """Raise a ``JobDatabaseError`` naming the file, rows and column for a frame the manager cannot run.
+
+    Called once where a run opens a job database (``read``/``persist`` take any table, as openeo's do).
+    """
     where = f"Job database {source!r}"
     if df.columns.duplicated().any():
         raise JobDatabaseError(f"{where}: duplicate column names {sorted(set(df.columns[df.columns.duplicated()]))}")
@@ -201,16 +225,36 @@ def check_job_frame(df: pd.DataFrame, *, source: str) -> None:
                 f"{where}: column 'running_start_time' must hold RFC 3339 times, found {values[bad].iloc[0]!r} "
                 f"at {_where(df, bad)}"
             )
-    if "costs" in df.columns and df["costs"].notna().any():
-        numbers = pd.to_numeric(df["costs"], errors="coerce")
-        bad = df["costs"].notna() & numbers.isna()
-        if bad.any():
-            raise JobDatabaseError(
-                f"{where}: column 'costs' must hold numbers, found {df['costs'][bad].iloc[0]!r} at {_where(df, bad)}"
-            )
+    if "costs" in df.columns:
+        problem = _not_numbers(df, "costs")
+        if problem:
+            raise JobDatabaseError(f"{where}: {problem}")
     active = status.isin(["created", "queued_for_start", "queued", "running"])
     if "backend_name" not in df.columns and active.any():
         raise JobDatabaseError(f"{where}: active rows without a 'backend_name' column at {_where(df, active)}")
+
+
+def _not_numbers(df: pd.DataFrame, column: str) -> str | None:
+    """What is wrong with ``df[column]`` if some value in it is not a number, else None."""
+    values = df[column]
+    bad = values.notna() & pd.to_numeric(values, errors="coerce").isna()
+    if not bad.any():
+        return None
+    return f"column {column!r} must hold numbers, found {values[bad].iloc[0]!r} at {_where(df, bad)}"
+
+
+def _unparsable_number(path: Path) -> str | None:
+    """Why openeo's CSV read failed, if a column it reads as numbers holds text (read as text to say where)."""
+    numeric = [
+        column
+        for column, dtype in _UpstreamManager._column_requirements.dtype_mapping().items()
+        if pd.api.types.is_numeric_dtype(pd.api.types.pandas_dtype(dtype))
+    ]
+    try:
+        df = pd.read_csv(path, dtype=str)
+    except Exception:
+        return None
+    return next((problem for c in numeric if c in df.columns and (problem := _not_numbers(df, c))), None)
 
 
 def _plain(value):
@@ -229,7 +273,7 @@ def _is_timestamp(value) -> bool:
 
 
 def normalize_job_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Add missing optional bookkeeping columns (empty), as ``initialize_from_df`` would have."""
+    """Add missing optional bookkeeping columns (empty) in place, as ``initialize_from_df`` would have."""
     missing = [c for c in OPTIONAL_COLUMNS if c not in df.columns]
     for column in missing:
         df[column] = pd.Series([None] * len(df), index=df.index, dtype=object)
