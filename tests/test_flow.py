@@ -120,7 +120,12 @@ def test_flow_fails_when_the_run_itself_fails_and_keeps_the_job_db(openeo_simula
     create_job_db(path, df)
     before = path.read_bytes()
     state = run_openeo_jobs(
-        job_db=str(path), backends={"sim": openeo_simulator.url}, start_job=ndvi_job, poll_sleep=0.1, return_state=True
+        job_db=str(path),
+        backends={"sim": openeo_simulator.url},
+        start_job=ndvi_job,
+        poll_sleep=0.1,
+        root_dir=str(tmp_path),
+        return_state=True,
     )
     assert state.is_failed()
     with pytest.raises(ValueError, match="elsewhere"):
