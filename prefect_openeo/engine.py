@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import datetime
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,14 @@ RETRY_AFTER_COLUMN = "retry_after"
 LANE_WAIT = 10.0
 #: A cap on new rows that does not limit anything (the budget does).
 NO_CAP = 1_000_000
+#: After this many identical ``start_job`` failures in a row, the run stops creating jobs and fails.
+IDENTICAL_FAILURES_STOP = 5
+
+
+class StartJobFailing(RuntimeError):
+    """``start_job`` failed the same way for several rows in a row: most likely a bug or a wrong parameter in
+    it (a band the collection lacks, say), which every further row would repeat."""
+
 
 __all__ = [
     "JobEngine",
@@ -140,6 +149,8 @@ class RunSettings:
     on_error: Callable[[BatchJob, pd.Series, list[dict]], None] = _no_error_hook
     on_cancel: Callable[[BatchJob, pd.Series], None] = _no_cancel_hook
     connection_provider: Callable[[str], Connection] | None = None
+    #: Stop after this many identical ``start_job`` failures in a row (None: never).
+    identical_failures_stop: int | None = IDENTICAL_FAILURES_STOP
 
 
 @dataclass
@@ -193,6 +204,10 @@ class JobEngine:
         #: Downloads running (row -> future) and those owed in this run (attempts and backoff).
         self._downloading: dict[Any, concurrent.futures.Future] = {}
         self._downloads: dict[Any, _Download] = {}
+        self._download_ended = threading.Event()
+        #: ``start_job`` failures in a row that are the same failure, and the failures already logged in full.
+        self._same_failures: list[tuple[Any, Any]] = []
+        self._logged_failures: set[str] = set()
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -211,6 +226,7 @@ class JobEngine:
         try:
             while not self.should_stop() and self.has_work():
                 self.iteration()
+                self._stop_if_start_job_keeps_failing()
                 self.stats["run_jobs loop"] += 1
                 _log.info(f"Job status histogram: {self.job_db.count_by_status()}. Run stats: {dict(self.stats)}")
                 self.observer.sweep_done(self.job_db, self.stats)
@@ -245,17 +261,29 @@ class JobEngine:
     def _sleep(self) -> None:
         """Sleep ``poll_sleep`` through ``time.sleep`` looked up now, so patches and time machines apply.
 
-        One call per loop, as upstream's ``run_jobs``; a stoppable run (``start_job_thread``) sleeps in
-        steps of at most a second so that ``stop_job_thread`` is answered quickly, as upstream's thread.
+        While downloads run, the first part of the sleep is spent waiting for them instead: each one that
+        ends is recorded at once and the next owed download starts, so results never wait for a sweep.
+        Then one ``time.sleep`` call for the rest, as upstream's ``run_jobs``; a stoppable run
+        (``start_job_thread``) sleeps in steps of at most a second so that ``stop_job_thread`` is answered
+        quickly, as upstream's thread.
         """
-        if self.stoppable:
-            remaining = float(self.settings.poll_sleep)
+        remaining = float(self.settings.poll_sleep)
+        while self._downloading and remaining > 0 and not self.should_stop():
+            began = time.monotonic()
+            self._download_ended.wait(min(remaining, 1.0))
+            self._download_ended.clear()
+            self._collect_downloads()
+            self._start_downloads()
+            remaining -= time.monotonic() - began
+        if remaining <= 0:
+            pass
+        elif self.stoppable:
             while remaining > 0 and not self.should_stop():
                 step = min(1.0, remaining)
                 time.sleep(step)
                 remaining -= step
         else:
-            time.sleep(self.settings.poll_sleep)
+            time.sleep(remaining)
         self.stats["sleep"] += 1
 
     def iteration(self) -> None:
@@ -315,12 +343,20 @@ class JobEngine:
                 errors.append(e)
                 continue
             self._apply(result)
-        for index, future in list(self._downloading.items()):
-            if future.done():
-                del self._downloading[index]
-                self._download_done(index, future)
+        self._collect_downloads()
         if errors:
             raise errors[0]
+
+    def _collect_downloads(self) -> None:
+        """Record the outcome of every download that ended (one write for all of them)."""
+        ended = [(index, future) for index, future in self._downloading.items() if future.done()]
+        if not ended:
+            return
+        for index, _ in ended:
+            del self._downloading[index]
+        rows = self.job_db.get_by_indices([index for index, _ in ended]).copy()
+        changed = {index for index, future in ended if index in rows.index and self._download_done(rows, index, future)}
+        self._persist(rows, changed)
 
     def _apply(self, result: LaneResult) -> None:
         for key, value in result.stats.items():
@@ -328,6 +364,7 @@ class JobEngine:
         self._note_availability(result.backend, result.unavailable)
         self._persist(result.rows, result.changed)
         self._problems.update(result.problems)
+        self._note_start_job_calls(result.start_job_calls)
         for index, status in result.notes:
             self.observer.row_status(index, result.rows.loc[index], status)
             if status in TERMINAL:
@@ -344,6 +381,48 @@ class JobEngine:
             self._down[name] = unavailable
         else:
             self._down.pop(name, None)
+
+    def _note_start_job_calls(self, calls: list[tuple[Any, Any]]) -> None:
+        """Log each distinct ``start_job`` failure once in full (later ones in a line), and count identical
+        failures in a row."""
+        for index, outcome in calls:
+            if outcome is None:
+                self._same_failures.clear()
+                continue
+            signature = outcome.signature or outcome.error
+            if signature in self._logged_failures:
+                _log.warning(f"Row {index}: {outcome.error} (the same failure as before)")
+            else:
+                self._logged_failures.add(signature)
+                _log.warning(f"Row {index}: {outcome.error}\n{outcome.traceback or ''}".rstrip())
+            if (
+                self._same_failures
+                and (self._same_failures[0][1].signature or self._same_failures[0][1].error) != signature
+            ):
+                self._same_failures.clear()
+            self._same_failures.append((index, outcome))
+
+    def _stop_if_start_job_keeps_failing(self) -> None:
+        """Identical ``start_job`` failures in a row: stop, with one clear error showing the first traceback;
+        the rows it failed on go back to ``not_started`` (the fix of ``start_job`` is all a rerun needs)."""
+        limit = self.settings.identical_failures_stop
+        if not limit or len(self._same_failures) < limit:
+            return
+        failures = list(self._same_failures)
+        rows = self.job_db.get_by_indices([index for index, _ in failures]).copy()
+        for index in rows.index:
+            rows.at[index, "status"] = "not_started"
+            for column in (MESSAGE_COLUMN, "start_time"):
+                if column in rows.columns:
+                    set_cell(rows, index, column, None)
+            self._problems.pop(index, None)
+        self._persist(rows, set(rows.index))
+        first_index, first = failures[0]
+        raise StartJobFailing(
+            f"start_job failed the same way for {len(failures)} rows in a row ({first.error}); stopped creating "
+            f"jobs. Those rows are not_started again: fix start_job and run again. "
+            f"The first failure (row {first_index}):\n{first.traceback or first.error}"
+        )
 
     # -- planning ---------------------------------------------------------------------------------
     def _plan(self) -> dict[str, pd.DataFrame]:
@@ -386,45 +465,41 @@ class JobEngine:
             details = self._details.get(index)
 
             def fetch(backend=backend, row=row, details=details, on_done=self.settings.on_done) -> Any:
-                return on_done(backend.connection().job(row["id"]), row, details)
+                try:
+                    return on_done(backend.connection().job(row["id"]), row, details)
+                finally:
+                    self._download_ended.set()
 
             self._downloading[index] = run_in_thread(fetch, f"prefect-openeo-download-{row['id']}")
 
-    def _download_done(self, index: Any, future: concurrent.futures.Future) -> None:
+    def _download_done(self, rows: pd.DataFrame, index: Any, future: concurrent.futures.Future) -> bool:
+        """Fold a download's outcome into its row; whether the row changed (not during a retry's backoff)."""
         download = self._downloads[index]
-        rows = self.job_db.get_by_indices([index]).copy()
-        if index not in rows.index:
-            return
         job_id = rows.at[index, "id"]
         error = future.exception()
-        if error is None:
-            set_cell(rows, index, RESULTS_COLUMN, "done")
+        state, message = download_outcome(job_id, error, download.attempts)
+        if state == "done":
             if index in self._problems:
                 set_cell(rows, index, MESSAGE_COLUMN, None)
             self._problems.pop(index, None)
             self._details.pop(index, None)
-            del self._downloads[index]
-        elif isinstance(error, OpenEoApiError) and error.http_status_code in (404, 410):
-            message = f"results of job {job_id} are gone from the backend ({error.http_status_code}): {error.message}"
+        elif state == "gone":
             _log.warning(f"Row {index}: {message}")
-            set_cell(rows, index, RESULTS_COLUMN, "gone")
-            set_cell(rows, index, MESSAGE_COLUMN, message)
             self._problems[index] = message
             self.stats["results gone"] += 1
-            del self._downloads[index]
         else:
             _log.error(f"on_job_done failed for job {job_id} (attempt {download.attempts}): {error!r}")
             self.stats["on_job_done error"] += 1
-            message = f"on_job_done failed after {download.attempts} attempt(s): {error!r}"
             self._problems[index] = message
             if download.attempts < DOWNLOAD_ATTEMPTS:
                 # Back off: after the n-th failed attempt, wait 2**n - 1 sweeps (1, 3, ...) before the next.
                 download.not_before = self.stats["run_jobs loop"] + 2**download.attempts - 1
-                return
-            set_cell(rows, index, RESULTS_COLUMN, "failed")
+                return False
+        del self._downloads[index]
+        set_cell(rows, index, RESULTS_COLUMN, state)
+        if message:
             set_cell(rows, index, MESSAGE_COLUMN, message)
-            del self._downloads[index]
-        self._persist(rows, {index})
+        return True
 
     # -- after a crash or restart -----------------------------------------------------------------
     def _check_backends(self) -> None:
@@ -536,6 +611,16 @@ class JobEngine:
                 f"{unknown.at[first, 'backend_name']!r}, which is not registered "
                 f"(registered: {', '.join(self.backends)}); {len(unknown)} row(s) in all"
             )
+
+
+def download_outcome(job_id: str, error: BaseException | None, attempts: int = 1) -> tuple[str, str | None]:
+    """The ``results`` state a download leaves (``done``, ``gone``: the backend no longer has the job or its
+    results, ``failed``) and the row's message for it."""
+    if error is None:
+        return "done", None
+    if isinstance(error, OpenEoApiError) and error.http_status_code in (404, 410):
+        return "gone", f"results of job {job_id} are gone from the backend ({error.http_status_code}): {error.message}"
+    return "failed", f"on_job_done failed after {attempts} attempt(s): {error!r}"
 
 
 def cancel_after(seconds: float | None) -> datetime.timedelta | None:

@@ -131,6 +131,8 @@ class LaneResult:
     creations: set = field(default_factory=set)
     #: Why the backend could not be used this time (it is down): the work did nothing.
     unavailable: str | None = None
+    #: Outcomes of ``start_job`` calls, in order: (row, None) for a job created, (row, outcome) for a failure.
+    start_job_calls: list[tuple[Any, Any]] = field(default_factory=list)
 
 
 class BackendWork:
@@ -410,6 +412,7 @@ class BackendWork:
             stats["job launch"] += 1
             if outcome.start_time:
                 set_cell(rows, index, "start_time", outcome.start_time)
+            self.result.start_job_calls.append((index, outcome if outcome.error else None))
             if outcome.error:
                 stats["start_job error"] += 1
                 self._fail(index, "start_failed", outcome.error)

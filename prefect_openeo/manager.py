@@ -8,9 +8,11 @@ per-job states in the UI.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -253,6 +255,57 @@ class MultiBackendJobManager:
             self.stats["job download"] += 1
             self.stats["files downloaded"] += report.assets
         return report
+
+    def fetch_results(
+        self,
+        job_db: str | Path | JobDatabaseInterface,
+        *,
+        missing: bool = True,
+        per_second: float = 2.0,
+        workers: int = 4,
+    ) -> dict[str, int]:
+        """Download the results of finished rows on request (``on_job_done``), recording each row's ``results``
+        state (done / failed / gone) as a run would.
+
+        :param missing: only rows whose results are not recorded ``done`` (default); else every finished row.
+        :param per_second: downloads started per second, at most (``workers`` at once).
+        :return: rows per outcome (``done``, ``failed``, ``gone``, ``skipped`` for unregistered backends).
+        """
+        from prefect_openeo.engine import download_outcome
+        from prefect_openeo.frames import column, set_cell
+
+        if per_second <= 0 or workers < 1:
+            raise ValueError(f"per_second must be > 0 and workers >= 1, got {per_second!r} and {workers!r}")
+        job_db = resolve_job_db(job_db)
+        rows = job_db.get_by_status(statuses=["finished"]).copy()
+        if missing:
+            rows = rows[column(rows, "results") != "done"]
+        known = rows["backend_name"].isin(list(self.backends))
+        outcomes: dict[str, int] = collections.Counter(skipped=int((~known).sum()))
+        rows = rows[known]
+
+        def fetch(row: pd.Series) -> None:
+            self._job_done(self.backends[row["backend_name"]].connection().job(row["id"]), row, None)
+
+        def record(index: Any, future: concurrent.futures.Future) -> None:
+            state, message = download_outcome(rows.at[index, "id"], future.exception())
+            outcomes[state] += 1
+            set_cell(rows, index, "results", state)
+            set_cell(rows, index, "message", message)
+            job_db.persist(rows.loc[[index]])
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            running: dict[concurrent.futures.Future, Any] = {}
+            next_start = time.monotonic()
+            for index, row in rows.iterrows():
+                time.sleep(max(0.0, next_start - time.monotonic()))
+                next_start = max(next_start, time.monotonic()) + 1.0 / per_second
+                running[pool.submit(fetch, row)] = index
+                for future in [f for f in running if f.done()]:
+                    record(running.pop(future), future)
+            for future in concurrent.futures.as_completed(list(running)):
+                record(running.pop(future), future)
+        return dict(outcomes)
 
     def on_job_done(self, job: BatchJob, row: pd.Series) -> None:
         """A job finished. Default: download its results and metadata into ``get_job_dir``."""

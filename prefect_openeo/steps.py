@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,9 @@ class CreateOutcome:
     skipped: bool = False
     error: str | None = None
     start_time: str | None = None
+    #: When ``start_job`` raised: the formatted traceback, and what identifies "the same failure".
+    traceback: str | None = None
+    signature: str | None = None
 
 
 @dataclass
@@ -78,9 +83,10 @@ def create_jobs(
                 job = start_job(
                     row=row, connection_provider=connection_provider, connection=connection, provider=backend.name
                 )
-        except Exception as e:  # the user's callback: record, go on with the next row
-            _log.warning(f"start_job failed for row {index} on backend {backend.name}: {e!r}", exc_info=True)
+        except Exception as e:  # the user's callback: record, go on with the next row (the engine logs it)
             outcome.error = f"start_job raised {e!r}"
+            outcome.traceback = traceback.format_exc()
+            outcome.signature = failure_signature(e)
         else:
             outcome.start_time = rfc3339.now_utc()
             if job is None:
@@ -95,6 +101,11 @@ def create_jobs(
                 _log.error(f"Row {index}: {outcome.error}")
         outcomes.append(outcome)
     return outcomes
+
+
+def failure_signature(error: BaseException) -> str:
+    """What makes two failures "the same": the exception type and message, numbers left out."""
+    return re.sub(r"\d+", "#", f"{type(error).__name__}: {error}")[:300]
 
 
 def start_jobs(backend: Backend, job_ids: list[str]) -> list[StartOutcome]:

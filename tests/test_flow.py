@@ -332,6 +332,7 @@ def test_flow_takes_a_process_based_job_creator_spec(openeo_simulator, tmp_path)
             backends={"sim": openeo_simulator.url},
             start_job=spec,
             poll_sleep=0.1,
+            root_dir=str(tmp_path),
             download_results=False,
             df=tiles_df(2),
         )

@@ -1,0 +1,74 @@
+"""Say why: a failed job's reason in its row, and a start_job that fails the same way for every row stops
+the run with one clear error."""
+
+from __future__ import annotations
+
+import logging
+
+import openeo
+import pandas as pd
+import pytest
+from conftest import ndvi_job, tiles_df
+
+from prefect_openeo import MultiBackendJobManager
+from prefect_openeo.engine import StartJobFailing
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def manager_for(sim, **kwargs) -> MultiBackendJobManager:
+    kwargs.setdefault("poll_sleep", 0.1)
+    parallel_jobs = kwargs.pop("parallel_jobs", 3)
+    manager = MultiBackendJobManager(**kwargs)
+    manager.add_backend(sim.name, connection=openeo.connect(sim.url), parallel_jobs=parallel_jobs)
+    return manager
+
+
+def test_a_failed_jobs_row_says_why_and_the_full_logs_are_saved(openeo_simulator, tmp_path):
+    openeo_simulator.config.failure_rate = 1.0
+    manager = manager_for(openeo_simulator, root_dir=tmp_path / "root")
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(2), start_job=ndvi_job)
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["error", "error"] and stats["job failed"] == 2
+    for job_id, message in zip(df["id"], df["message"], strict=True):
+        # the backend's last error log entry, with its code
+        assert message.split(":")[0] in ("ExecutorLost", "UpstreamError", "ProcessGraphError")
+        assert "simulated error" in message
+        logs = pd.read_json(tmp_path / "root" / f"job_{job_id}" / f"job_{job_id}_errors.json")
+        assert (logs["level"] == "error").all() and logs["message"].str.contains("simulated error").all()
+    assert stats["job logs"] == 2  # one request per failed job, made by the sweep that saw it fail
+
+
+def test_start_job_failing_the_same_way_stops_with_one_clear_error(openeo_simulator, tmp_path, caplog):
+    def missing_band(row, connection, **kwargs):
+        raise ValueError(f"Invalid band name 'B99' for row {row.name}: the collection has B01..B12")
+
+    manager = manager_for(openeo_simulator, root_dir=tmp_path, parallel_jobs=3)
+    with caplog.at_level(logging.WARNING, logger="prefect_openeo"), pytest.raises(StartJobFailing) as info:
+        manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(30), start_job=missing_band)
+    message = str(info.value)
+    assert "failed the same way for 5 rows in a row" in message and "Invalid band name 'B99'" in message
+    assert "Traceback (most recent call last)" in message and "missing_band" in message
+    assert caplog.text.count("Traceback (most recent call last)") == 1  # logged in full once, not per row
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert set(df["status"]) == {"not_started"}  # nothing to reset by hand: fix start_job and rerun
+    assert openeo_simulator.created_count() == 0
+    calls = (df["start_time"].notna()).sum()
+    assert calls == 0
+
+    fixed = manager_for(openeo_simulator, root_dir=tmp_path, parallel_jobs=3)
+    stats = fixed.run_jobs(job_db=tmp_path / "jobs.csv", start_job=ndvi_job)
+    assert stats["job finished"] == 30 and openeo_simulator.created_count() == 30
+
+
+def test_different_failures_do_not_stop_the_run(openeo_simulator, tmp_path):
+    def flaky(row, connection, **kwargs):
+        if row.name % 2:
+            raise RuntimeError(f"odd row {row.name}" + "x" * row.name)  # different messages: not systematic
+        return ndvi_job(row, connection)
+
+    stats = manager_for(openeo_simulator, root_dir=tmp_path).run_jobs(
+        job_db=tmp_path / "jobs.csv", df=tiles_df(12), start_job=flaky
+    )
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert (df["status"] == "start_failed").sum() == 6 and stats["job finished"] == 6
