@@ -1,4 +1,5 @@
-"""Starting safely: ``prefect-openeo init`` refuses grids that cannot be meant."""
+"""Starting safely: ``prefect-openeo init`` refuses grids that cannot be meant, and ``--start-job`` finds the
+user's code as a user runs it (a module in the current folder, or a ``.py`` file)."""
 
 from __future__ import annotations
 
@@ -291,3 +292,148 @@ def test_bookkeeping_and_tile_columns_cannot_be_set(area, tmp_path):
     assert fine.exit_code == 0, fine.output
     df = gpd.read_parquet(db)
     assert set(df["status"]) == {"not_started"} and set(df["owner_name"]) == {"me"}
+
+
+# --- --start-job: a module in the current folder, or a file ---
+
+START_JOB = '''
+import openeo
+
+YEAR = 2024
+
+
+def start_job(row, connection, **kwargs):
+    """The README's example: the tile's bounds come from the row."""
+    cube = connection.load_collection(
+        "SENTINEL2_L2A",
+        spatial_extent={"west": row["west"], "south": row["south"], "east": row["east"], "north": row["north"]},
+        temporal_extent=[f"{row['year']}-01-01", f"{row['year'] + 1}-01-01"],
+        bands=["B04", "B08"],
+    )
+    return cube.ndvi(nir="B08", red="B04").create_job(title=f"tile {row['tile']}", out_format="GTiff")
+'''
+
+
+def extents_by_tile(simulator) -> dict[str, dict]:
+    """The spatial extent each simulated job was created with, by its row's tile."""
+    out = {}
+    for job in simulator.jobs():
+        (load,) = (n for n in job["process_graph"].values() if n["process_id"] == "load_collection")
+        out[job["title"].split()[1]] = load["arguments"]["spatial_extent"]
+    return out
+
+
+def assert_jobs_used_the_rows_bounds(db: Path, simulator) -> None:
+    df = gpd.read_parquet(db) if db.suffix == ".parquet" else pd.read_csv(db)
+    assert set(df["status"]) == {"finished"}
+    extents = extents_by_tile(simulator)
+    assert len(extents) == len(df)
+    for _, row in df.iterrows():
+        extent = extents[row["tile"]]
+        assert [extent[k] for k in ("west", "south", "east", "north")] == pytest.approx(
+            [row["west"], row["south"], row["east"], row["north"]]
+        )
+
+
+def test_start_job_module_in_the_current_folder_with_the_installed_command(tmp_path, openeo_simulator):
+    """As a user: `cd` to the folder with mymodule.py and run the installed command, no PYTHONPATH."""
+    (tmp_path / "mymodule.py").write_text(START_JOB)
+    write_area(tmp_path / "aoi.geojson")
+    made = run_installed("init", "aoi.geojson", "jobs.parquet", "--tile-size", "1500", "-c", "year=2024", cwd=tmp_path)
+    assert made.returncode == 0, made.stdout + made.stderr
+    ran = run_installed(
+        "run",
+        "jobs.parquet",
+        "-b",
+        f"sim={openeo_simulator.url}",
+        "--start-job",
+        "mymodule:start_job",
+        "--local",
+        "--poll-sleep",
+        "0.1",
+        "--root-dir",
+        "results",
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert_jobs_used_the_rows_bounds(tmp_path / "jobs.parquet", openeo_simulator)
+
+    missing = run_installed(
+        "run",
+        "jobs.parquet",
+        "-b",
+        f"sim={openeo_simulator.url}",
+        "--start-job",
+        "mymodul:start_job",
+        "--local",
+        cwd=tmp_path,
+    )
+    assert missing.returncode == 2
+    assert (
+        f"no module named 'mymodul' (not installed, and no mymodul.py or mymodul/ in the current folder {tmp_path})"
+        in missing.stdout
+    )
+
+
+@pytest.fixture
+def user_code(tmp_path, monkeypatch):
+    """A user's folder as the current folder, with their code in code/; imports undone afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "jobs_neighbour.py").write_text("BANDS = ['B04', 'B08']\n")
+    (code / "jobs.py").write_text("from jobs_neighbour import BANDS  # a neighbour of the file\n" + START_JOB)
+    (code / "broken.py").write_text("def start_job(row, connection):\n    return (\n")
+    (code / "needs.py").write_text("import not_installed_anywhere\n\n\ndef start_job(row, connection):\n    pass\n")
+    (tmp_path / "user_jobs.py").write_text(START_JOB)
+    (tmp_path / "user_broken.py").write_text("\n\ndef start_job(row connection):\n    pass\n")
+    (tmp_path / "user_fails.py").write_text("LIMIT = 1 / 0\n")
+    write_area(tmp_path / "aoi.geojson")
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_start_job_from_a_python_file(user_code, openeo_simulator):
+    assert invoke("init", "aoi.geojson", "jobs.parquet", "--tile-size", 1500, "-c", "year=2024").exit_code == 0
+    result = invoke(
+        "run",
+        "jobs.parquet",
+        "-b",
+        f"sim={openeo_simulator.url}",
+        "--start-job",
+        "code/jobs.py:start_job",
+        "--local",
+        "--poll-sleep",
+        "0.1",
+        "--root-dir",
+        "results",
+    )
+    assert result.exit_code == 0, result.output
+    assert_jobs_used_the_rows_bounds(user_code / "jobs.parquet", openeo_simulator)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("code/nope.py:start_job", "start_job file 'code/nope.py' does not exist (relative to the current folder"),
+        ("no_such_module_xyz:start_job", "no module named 'no_such_module_xyz' (not installed, and no"),
+        ("user_jobs.sub:start_job", "no module named 'user_jobs.sub'"),
+        ("user_jobs:strat_job", "user_jobs.py has no 'strat_job' (it defines: start_job)"),
+        ("code/jobs.py:strat_job", "jobs.py has no 'strat_job' (it defines: start_job)"),
+        ("user_jobs:YEAR", "start_job 'user_jobs:YEAR' is not callable: it is int 2024"),
+        ("code/broken.py:start_job", "broken.py, line 2: SyntaxError: '(' was never closed"),
+        ("user_broken:start_job", "user_broken.py, line 3: SyntaxError: "),
+        ("code/needs.py:start_job", "needs.py, line 1: ModuleNotFoundError: No module named 'not_installed_anywhere'"),
+        ("user_fails:start_job", "user_fails.py, line 1: ZeroDivisionError: division by zero"),
+        ("user_jobs", "start_job must be a callable, 'module:function' or 'path/to/file.py:function'"),
+    ],
+)
+def test_start_job_errors_say_what_is_wrong(user_code, openeo_simulator, spec, message):
+    pd.DataFrame({"status": ["not_started"], "year": [2024]}).to_csv("jobs.csv", index=False)
+    result = invoke("run", "jobs.csv", "-b", f"sim={openeo_simulator.url}", "--start-job", spec, "--local")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert openeo_simulator.created_count() == 0
