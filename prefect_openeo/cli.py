@@ -198,19 +198,58 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
+#: Columns the job manager and the job databases fill themselves: ``init -c`` must not set them.
+BOOKKEEPING_COLUMNS = (
+    "status", "id", "backend_name", "start_time", "running_start_time", "costs", "cpu", "memory", "duration",
+    "message", "create_token", "planned_backend", "results", "retry_count", "retry_after", "owner", "lease_until",
+)  # fmt: skip
+
+
 @app.command()
 def init(
     area: Path = typer.Argument(..., help="Area of interest: GeoJSON, shapefile, GeoPackage or GeoParquet."),
     job_db: str = typer.Argument(..., help="Job database to create: .csv, .parquet/.geoparquet, .db, or a URL."),
-    tile_size: float = typer.Option(..., help="Tile edge length, in units of --crs (metres for EPSG:3857)."),
-    crs: str = typer.Option("EPSG:3857", help="CRS of the tile grid."),
-    column: list[str] = typer.Option([], "--column", "-c", help="Extra column for every row: NAME=VALUE."),
+    tile_size: float = typer.Option(
+        ...,
+        help="Tile edge length in the unit of --crs's axes (metres for EPSG:3857 and UTM zones, degrees for "
+        "EPSG:4326). Refused when, converted to metres (a degree is about 111 km), it is under 1 m or over "
+        "10,000 km: the wrong unit (e.g. 10000 with EPSG:4326, 0.1 with EPSG:3857); warned under 10 m or "
+        "over 1,000 km.",
+    ),
+    crs: str = typer.Option(
+        "EPSG:3857",
+        help="CRS of the tile grid, as an EPSG code. Warns when the area lies outside its area of use "
+        "(swapped longitude/latitude, the wrong UTM zone).",
+    ),
+    max_tiles: int = typer.Option(
+        10_000,
+        min=1,
+        help="Refuse to make more tiles than this (estimated from the area's bounds before any tile is built).",
+    ),
+    column: list[str] = typer.Option(
+        [],
+        "--column",
+        "-c",
+        help="Extra column for every row: NAME=VALUE (VALUE as JSON if it parses). Bookkeeping columns "
+        "(status, id, backend_name, ...) and the tile columns (tile, west, south, east, north, geometry) are refused.",
+    ),
 ) -> None:
-    """Create a job database from an area of interest split into tiles (one row, one job, per tile)."""
+    """Create a job database from an area of interest split into tiles (one row, one job, per tile).
+
+    Each row has the tile's name (tile), its bounds in EPSG:4326 (west, south, east, north), its geometry
+    (EPSG:4326) and the --column values. GeoJSON is longitude/latitude (RFC 7946); other files without a
+    CRS are taken to be too, with a warning."""
     from prefect_openeo.jobdb import create_job_db, get_job_db
-    from prefect_openeo.tiling import read_area, tile_area
+    from prefect_openeo.tiling import TILE_COLUMNS, TooManyTiles
 
     extra = _pairs(column, "--column")
+    reserved = sorted(set(extra) & {*BOOKKEEPING_COLUMNS, *TILE_COLUMNS})
+    if reserved:
+        raise _fail(
+            f"--column cannot set {', '.join(reserved)}: init and the job manager fill "
+            f"{'this column' if len(reserved) == 1 else 'these columns'} themselves; choose another name "
+            f"(reserved: {', '.join((*BOOKKEEPING_COLUMNS, *TILE_COLUMNS))})"
+        )
     try:
         target = get_job_db(job_db)
     except ValueError as e:
@@ -218,7 +257,13 @@ def init(
     if target.exists():
         raise _fail(f"{job_db!r} exists already: refusing to overwrite it")
     try:
-        tiles = tile_area(read_area(area), tile_size=tile_size, crs=crs)
+        tiles = _tile(area, tile_size, crs, max_tiles)
+    except TooManyTiles as e:
+        fix = "raise --max-tiles"
+        if e.suggestion:
+            size, count = e.suggestion
+            fix = f"use a larger --tile-size (e.g. {size:g} makes up to {count:,} tiles) or {fix}"
+        raise _fail(f"{str(area)!r}: {e.estimate}, more than --max-tiles {max_tiles:,}: {fix}") from e
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from e
     except Exception as e:
@@ -227,6 +272,26 @@ def init(
         tiles[key] = _parse_value(value)
     create_job_db(job_db, tiles)
     console.print(f"Created [bold]{job_db}[/] with {len(tiles)} rows ({tile_size:g} x {tile_size:g} tiles in {crs})")
+
+
+def _tile(area: Path, tile_size: float, crs: str, max_tiles: int) -> Any:
+    """``area``'s tiles; its ``TilingWarning``s printed as they are (before any error)."""
+    import warnings
+
+    from rich.markup import escape
+
+    from prefect_openeo.tiling import TilingWarning, read_area, tile_area
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TilingWarning)
+        try:
+            return tile_area(read_area(area), tile_size=tile_size, crs=crs, max_tiles=max_tiles)
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, TilingWarning):
+                    console.print(f"[bold yellow]warning:[/] {escape(str(warning.message))}")
+                else:
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _parse_value(value: str) -> Any:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import openeo
@@ -16,8 +23,13 @@ from prefect_openeo.manager import MultiBackendJobManager
 
 
 def load_callable(spec: str | Mapping | Callable) -> Callable:
-    """A callable; an import path ``"package.module:function"`` to one; or a ``ProcessBasedJobCreator``
-    spec: ``{"process_id": ..., "namespace": ..., "parameter_defaults": {...}, "parameter_column_map": {...}}``."""
+    """A callable; one named by ``"package.module:function"`` or ``"path/to/file.py:function"``; or a
+    ``ProcessBasedJobCreator`` spec: ``{"process_id": ..., "namespace": ..., "parameter_defaults": {...},
+    "parameter_column_map": {...}}``.
+
+    A module that is not installed is looked for in the current folder too (as ``python -m`` finds it).
+    A ``.py`` file is loaded as a module named after it, its folder added to the end of ``sys.path`` so
+    that it can import its neighbours. Raises ``ValueError`` naming what is missing or what went wrong."""
     if callable(spec):
         return spec
     if isinstance(spec, Mapping):
@@ -31,18 +43,106 @@ def load_callable(spec: str | Mapping | Callable) -> Callable:
                 f"got {dict(spec)!r}"
             )
         return ProcessBasedJobCreator(**dict(spec))
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"start_job must be a callable or 'module:function', got {spec!r}")
-    module_name, _, attr = spec.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"Cannot import start_job {spec!r}: {e}") from e
+    source, _, attr = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+    if not source or not attr:
+        raise ValueError(f"start_job must be a callable, 'module:function' or 'path/to/file.py:function', got {spec!r}")
+    module = _load_file(source, spec) if source.endswith(".py") else _import_module(source, spec)
+    target = _attribute(module, attr, spec)
     if not callable(target):
-        raise ValueError(f"start_job {spec!r} is not callable")
+        raise ValueError(f"start_job {spec!r} is not callable: it is {type(target).__name__} {target!r:.80}")
     return target
+
+
+def _attribute(module: ModuleType, attr: str, spec: str) -> Any:
+    """``module``'s (dotted) attribute ``attr``; else an error listing the functions the module defines."""
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            defined = sorted(
+                name
+                for name, value in vars(module).items()
+                if callable(value)
+                and not name.startswith("_")
+                and getattr(value, "__module__", None) == module.__name__
+            )
+            listed = ", ".join(defined[:10]) + (", ..." if len(defined) > 10 else "")
+            raise ValueError(
+                f"start_job {spec!r}: {getattr(module, '__file__', None) or module.__name__} has no {attr!r}"
+                f" (it defines: {listed or 'no functions'})"
+            ) from None
+    return target
+
+
+def _import_module(name: str, spec: str) -> ModuleType:
+    """``name`` imported from ``sys.path``, or else from the current folder."""
+    for attempt in (1, 2):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not (e.name and (name == e.name or name.startswith(e.name + "."))):
+                raise ValueError(f"Cannot import start_job {spec!r}: {_where_it_failed(e)}") from e
+            if attempt == 1 and _add_current_folder_for(name):
+                continue
+            raise ValueError(
+                f"Cannot import start_job {spec!r}: no module named {e.name!r} (not installed, and no "
+                f"{e.name.replace('.', '/')}.py or {e.name.replace('.', '/')}/ in the current folder {os.getcwd()})"
+            ) from e
+        except Exception as e:
+            raise ValueError(f"Cannot import start_job {spec!r}: {_where_it_failed(e)}") from e
+    raise AssertionError("unreachable")
+
+
+def _add_current_folder_for(name: str) -> bool:
+    """Add the current folder to the end of ``sys.path`` when it holds ``name``'s top package (and is not
+    there already); whether it did."""
+    folder = os.getcwd()
+    if any(os.path.abspath(entry or ".") == folder for entry in sys.path):
+        return False
+    importlib.invalidate_caches()
+    if importlib.machinery.PathFinder.find_spec(name.partition(".")[0], [folder]) is None:
+        return False
+    sys.path.append(folder)
+    return True
+
+
+def _load_file(source: str, spec: str) -> ModuleType:
+    """The Python file ``source`` as a module named after it (reused when that file is loaded already)."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to the current folder {os.getcwd()})"
+        raise ValueError(f"start_job file {source!r} does not exist{where}")
+    path = path.resolve()
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+            return loaded
+        name = f"{name}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"  # another module has the name
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"start_job file {source!r} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ValueError(f"Cannot import start_job {spec!r}: {_where_it_failed(e)}") from e
+    return module
+
+
+def _where_it_failed(error: Exception) -> str:
+    """``error`` with the file and line it came from: the innermost frame outside Python's import system."""
+    if isinstance(error, SyntaxError):
+        return f"{error.filename}, line {error.lineno}: SyntaxError: {error.msg}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen ")]
+    frames = [f for f in frames if Path(f.filename).resolve() != Path(__file__).resolve()]
+    where = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames else ""
+    return f"{where}{type(error).__name__}: {error}"
 
 
 BLOCK_PREFIX = "block:"
