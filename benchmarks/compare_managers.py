@@ -61,11 +61,13 @@ def run_workload(name: str, urls: list[str], jobs: int, slots: int, poll: float,
 def workload_section(args) -> None:
     print(
         f"## Workload: {args.jobs} jobs, {args.backends} backends x {args.slots} slots, "
-        f"queue {args.queue} s + run {args.run} s, poll_sleep {args.poll} s\n"
+        f"queue {args.queue} s + run {args.run} s, poll_sleep {args.poll} s"
+        f"{', job listings with usage' if args.listing_usage else ''}\n"
     )
     ideal = math.ceil(args.jobs / (args.backends * args.slots)) * (args.queue + args.run)
     rows = {}
-    with SimulatorProcess(args.backends, queue_duration=args.queue, run_duration=args.run, capacity=args.slots) as sims:
+    config = {"queue_duration": args.queue, "run_duration": args.run, "capacity": args.slots}
+    with SimulatorProcess(args.backends, listing_usage=args.listing_usage, **config) as sims:
         for name in MANAGERS:
             sims.reset()
             with tempfile.TemporaryDirectory() as tmp:
@@ -238,6 +240,9 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.5)
     parser.add_argument("--rows", default="1000,10000,100000", help="job database sizes for the loop section")
     parser.add_argument("--skip-workload", action="store_true")
+    parser.add_argument(
+        "--listing-usage", action="store_true", help="simulated job listings carry usage (the API allows it)"
+    )
     args = parser.parse_args()
     if not args.skip_workload:
         workload_section(args)

@@ -6,6 +6,7 @@ way openeo's manager does), in the calling process, so ``requests_mock``/``httpr
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -37,6 +38,10 @@ TOKEN_REFRESH_MAX_AGE = 60.0
 LIMIT_BACKOFF_SECONDS = 300.0
 #: Pages of ``GET /jobs`` read at most when looking for jobs a crashed run created.
 MAX_RECONCILE_PAGES = 100
+#: Longest a backend's active jobs go without a status sweep while none of them is due (seconds).
+MAX_SWEEP_GAP = 60.0
+#: A job is due (may have ended) from this fraction of the shortest job duration seen on its backend.
+DUE_FRACTION = 0.8
 
 
 class BackendError(RuntimeError):
@@ -204,6 +209,9 @@ class Backend:
         self._limited_slots: int | None = None
         self._limited_until = 0.0
         self._checked = False
+        #: Durations (creation to end, seconds) of the last jobs seen ending here, and the last sweep's time.
+        self._durations: collections.deque[float] = collections.deque(maxlen=20)
+        self._last_sweep = 0.0
 
     def connection(self) -> Connection:
         """The backend's connection, created once and made resilient.
@@ -257,6 +265,24 @@ class Backend:
         """Jobs this backend may have active now: ``parallel_jobs``, lowered while it refuses more."""
         limit = self.limit()
         return self.parallel_jobs if limit is None else min(self.parallel_jobs, limit)
+
+    def note_end(self, seconds: float) -> None:
+        """A job of this backend ended ``seconds`` after it was created."""
+        self._durations.append(max(0.0, seconds))
+
+    def sweep_due(self, created: Iterable[float | None], now: float) -> bool:
+        """Whether jobs created at ``created`` (epoch seconds; None: unknown) may have changed by ``now``.
+
+        Until a job has been seen ending, always. Then a job is due from ``DUE_FRACTION`` of the shortest
+        duration seen; and the jobs are swept at least every ``MAX_SWEEP_GAP`` seconds whatever.
+        """
+        if not self._durations or now - self._last_sweep >= MAX_SWEEP_GAP:
+            return True
+        earliest = DUE_FRACTION * min(self._durations)
+        return any(t is None or now - t >= earliest for t in created)
+
+    def note_sweep(self, now: float) -> None:
+        self._last_sweep = now
 
     def refuse_more(self, active: int, seconds: float = LIMIT_BACKOFF_SECONDS) -> None:
         """The backend said ``ConcurrentJobLimit`` with ``active`` jobs: use no more than that for a while."""
@@ -368,6 +394,10 @@ def sweep_statuses(backend: Backend, job_ids: Iterable[str], *, details_for_term
         entry = listed.get(job_id)
         if entry is not None and not (details_for_terminal and entry["status"] in TERMINAL):
             result.reports[job_id] = JobReport(status=entry["status"], costs=entry.get("costs"))
+            continue
+        if entry is not None and entry.get("usage") and entry["status"] != "error":
+            # The listing carries what the job's own document would: no request for it.
+            result.reports[job_id] = JobReport(status=entry["status"], details=entry, costs=entry.get("costs"))
             continue
         try:
             details = backend.describe(job_id)

@@ -190,6 +190,7 @@ class JobEngine:
             connection_provider=self.settings.connection_provider or (lambda name: self.backends[name].connection()),
             cancel_after=self.settings.cancel_after,
             results_owed=self.settings.results_owed,
+            adaptive_sweeps=self.settings.cancel_after is None,
             on_error=self.settings.on_error,
             on_cancel=self.settings.on_cancel,
         )

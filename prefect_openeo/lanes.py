@@ -16,6 +16,7 @@ import contextvars
 import datetime
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from openeo.util import deep_get, rfc3339
 from prefect_openeo.backends import Backend, BackendUnavailable, JobReport
 from prefect_openeo.frames import blank, set_cell
 from prefect_openeo.reasons import failure_reason
-from prefect_openeo.states import ACTIVE, Event, observe
+from prefect_openeo.states import ACTIVE, TERMINAL, Event, observe
 from prefect_openeo.steps import Steps
 
 _log = logging.getLogger("prefect_openeo")
@@ -41,6 +42,16 @@ MESSAGE_COLUMN = "message"
 TOKEN_COLUMN = "create_token"
 PLANNED_COLUMN = "planned_backend"
 RESULTS_COLUMN = "results"
+
+
+def _epoch(value: Any) -> float | None:
+    """An RFC 3339 cell as epoch seconds (None when blank or unreadable)."""
+    if blank(value):
+        return None
+    try:
+        return rfc3339.parse_datetime(str(value), with_timezone=True).timestamp()
+    except (ValueError, TypeError):
+        return None
 
 
 def format_usage(details: dict, field_name: str) -> str:
@@ -109,6 +120,8 @@ class LaneConfig:
     cancel_after: datetime.timedelta | None
     #: Whether a finished job owes a result download (or a custom ``on_job_done``): ``results`` = pending.
     results_owed: bool
+    #: Skip a backend's status sweep while none of its jobs can have ended yet (from durations seen).
+    adaptive_sweeps: bool
     #: Called when a job ended in error, with its error log entries (the default saves them as JSON).
     on_error: Callable[[BatchJob, pd.Series, list[dict]], None]
     on_cancel: Callable[[BatchJob, pd.Series], None]
@@ -245,6 +258,11 @@ class BackendWork:
         ids = {rows.at[i, "id"]: i for i in indices if rows.at[i, "status"] in ACTIVE and not blank(rows.at[i, "id"])}
         if not ids:
             return
+        now = time.time()
+        if self.config.adaptive_sweeps and not self._due(list(ids.values()), now):
+            self.result.stats["sweep skipped"] += 1
+            return
+        self.backend.note_sweep(now)
         try:
             sweep = self.config.steps.sweep_statuses(self.backend, list(ids))
         except requests.exceptions.ConnectionError as e:
@@ -264,6 +282,13 @@ class BackendWork:
             self._tracking_error(ids[job_id], error)
         self._cancel_overdue(list(ids.values()))
         self._start_created(list(ids.values()), reported)
+
+    def _due(self, indices: list, now: float) -> bool:
+        """Whether a sweep may learn something: a job to start, or one that may have ended by now."""
+        rows = self.rows
+        if any(rows.at[i, "status"] in ("created", "queued_for_start") for i in indices):
+            return True
+        return self.backend.sweep_due([_epoch(rows.at[i, "start_time"]) for i in indices], now)
 
     def _apply_report(self, index: Any, report: JobReport) -> None:
         rows, stats = self.rows, self.result.stats
@@ -295,6 +320,8 @@ class BackendWork:
                 self.result.changed.add(index)
         if transition.status == previous:
             return
+        if transition.status in TERMINAL and (created := _epoch(rows.at[index, "start_time"])) is not None:
+            self.backend.note_end(time.time() - created)
         if transition.status == "finished" and self.config.results_owed:
             set_cell(rows, index, RESULTS_COLUMN, "pending")  # recorded with the status, in the same write
         if transition.status == "error":

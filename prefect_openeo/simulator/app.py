@@ -169,7 +169,8 @@ class _Api:
         return str(request.base_url)
 
     def job_doc(self, job: Job, *, full: bool) -> dict[str, Any]:
-        """openEO job metadata; listings (``full=False``) carry no process and no usage."""
+        """openEO job metadata; listings (``full=False``) carry no process, and usage only with
+        ``config.listing_usage``."""
         now = self.state.now()
         doc: dict[str, Any] = {
             "id": job.id,
@@ -193,6 +194,7 @@ class _Api:
             for key in ("plan", "budget"):
                 if getattr(job, key) is not None:
                     doc[key] = getattr(job, key)
+        if full or self.config.listing_usage:
             if job.status in ("finished", "error"):
                 seconds = job.run_seconds
                 doc["usage"] = {

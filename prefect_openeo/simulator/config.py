@@ -47,6 +47,8 @@ class SimulatorConfig:
     memory_mb: float = 1024.0
     """Usage: memory (MB) held while running; reported as mb-seconds."""
     cost_per_job: float = 1.0
+    listing_usage: bool = False
+    """Whether ``GET /jobs`` entries of ended jobs carry ``usage`` (the API allows it; openeo-driver does not)."""
     page_limit_default: int | None = None
     """Page size of ``GET /jobs`` without ``limit``; None: all jobs in one page (like openeo-driver)."""
     seed: int = 42
