@@ -119,6 +119,11 @@ def test_rerun_download_overwrites_the_same_keys(openeo_simulator, s3_server, tm
     second = download_job_results(job, store)
     assert first.files == second.files and len(first.files) == 3
     assert keys(s3_server.client(), bucket) == listed == sorted(f.removeprefix(f"s3://{bucket}/") for f in first.files)
+    # The job folder as a URL (credentials from the environment) does the same.
+    third = download_job_results(job, f"s3://{bucket}/p/job_{job.job_id}")
+    assert third.files == first.files and keys(s3_server.client(), bucket) == listed
+    assert results_present(f"s3://{bucket}/p/job_{job.job_id}", job.job_id)
+    assert not results_present(store, "j-other")
 
 
 def test_failed_job_error_logs_go_to_the_store(openeo_simulator, s3_server, tmp_path, monkeypatch):
