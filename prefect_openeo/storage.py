@@ -24,6 +24,7 @@ fsspec filesystem), or from a prefect-aws block: ``from_root(S3Bucket(...))``, o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -115,10 +116,8 @@ class AssetUpload(ABC):
             if exc_type is None:
                 self.discard()
                 return
-            try:
+            with contextlib.suppress(Exception):  # keep the original error; the next attempt's cleanup() acts
                 self.interrupted()
-            except Exception:  # keep the original error; the next attempt's cleanup removes what is left
-                pass
 
 
 class _LocalUpload(AssetUpload):
@@ -215,7 +214,8 @@ class _S3Upload(AssetUpload):
                 )
                 self._upload_id = None
         except BaseException:
-            self.discard()
+            with contextlib.suppress(Exception):  # raise the original error; cleanup() aborts what is left
+                self.discard()
             raise
         self._buffer = bytearray()
         self._done = True
