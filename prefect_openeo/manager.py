@@ -152,8 +152,7 @@ class MultiBackendJobManager:
             raise TypeError(f"Unexpected keyword arguments: {kwargs!r}")
         if job_db is None:
             raise ValueError("run_jobs needs a job_db (a CSV/Parquet path or a JobDatabaseInterface)")
-        if not self.result_store.is_local:  # fail on bad credentials or a missing bucket before any job exists
-            self.result_store.check()
+        self._check_result_store()
         job_db = resolve_job_db(job_db)
         if job_db.exists():
             _log.info(f"Resuming `run_jobs` from existing {job_db}")
@@ -169,6 +168,11 @@ class MultiBackendJobManager:
             except FileExistsError:  # another worker created it just now, from the same dataframe: use it
                 _log.info(f"Resuming `run_jobs` from {job_db}, created meanwhile by another worker")
         return job_db
+
+    def _check_result_store(self) -> None:
+        """Object storage: fail on bad credentials or a missing bucket now, before any job or download."""
+        if not self.result_store.is_local:
+            self.result_store.check()
 
     def _engine(self, job_db: JobDatabaseInterface, start_job: Callable, should_stop=None) -> JobEngine:
         steps, observer, gate = Steps(), Observer(), SlotGate()
@@ -297,6 +301,7 @@ class MultiBackendJobManager:
 
         if per_second <= 0 or workers < 1:
             raise ValueError(f"per_second must be > 0 and workers >= 1, got {per_second!r} and {workers!r}")
+        self._check_result_store()
         job_db = resolve_job_db(job_db)
         rows = job_db.get_by_status(statuses=["finished"]).copy()
         if missing:

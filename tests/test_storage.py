@@ -177,6 +177,19 @@ def test_flow_run_on_a_worker_without_shared_disk(openeo_simulator, s3_server, t
         assert f"flow/job_{job_id}/job-results.json" in keys(s3_server.client(), bucket)
 
 
+def test_fetch_results_on_request_into_s3(openeo_simulator, s3_server, tmp_path):
+    bucket = s3_server.new_bucket()
+    db = tmp_path / "jobs.csv"
+    manager_for(openeo_simulator, root_dir=tmp_path / "unused", download_results=False).run_jobs(
+        job_db=db, df=tiles_df(2), start_job=ndvi_job
+    )
+    with pytest.raises(StorageError, match="'s3://no-such-bucket-here/x': the bucket does not exist"):
+        manager_for(openeo_simulator, root_dir="s3://no-such-bucket-here/x").fetch_results(db)
+    assert manager_for(openeo_simulator, root_dir=f"s3://{bucket}/later").fetch_results(db) == {"skipped": 0, "done": 2}
+    for job_id in pd.read_csv(db)["id"]:
+        assert f"later/job_{job_id}/job_{job_id}.json" in keys(s3_server.client(), bucket)
+
+
 # -- verified, atomic publish on S3 -----------------------------------------------------------------
 def test_failed_verification_leaves_no_object_and_no_pending_upload(openeo_simulator, s3_server, tmp_path, monkeypatch):
     monkeypatch.setattr(storage_module, "PART_SIZE", 5 << 20)  # S3's smallest part: a 6 MiB asset takes two
