@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import json
 import logging
 import sys
 import threading
@@ -35,6 +36,7 @@ from prefect_openeo.jobdb.files import (
     resolve_job_db,
 )
 from prefect_openeo.steps import Steps, save_error_logs
+from prefect_openeo.storage import ResultStore
 
 _log = logging.getLogger("prefect_openeo")
 
@@ -58,11 +60,16 @@ class MultiBackendJobManager:
     """Tracker for many openEO batch jobs on one or more backends; a drop-in for openeo's class.
 
     :param poll_sleep: seconds to sleep between sweeps.
-    :param root_dir: folder for per-job results, metadata and error logs (``job_{id}/``).
+    :param root_dir: where per-job results, metadata and error logs go (``job_{id}/``): a folder, or
+        (prefect-openeo) an object-store URL such as ``s3://bucket/prefix`` (``gs://``, ``az://``, ``file://``
+        too), a prefect-aws ``S3Bucket`` block, or a ``prefect_openeo.storage.ResultStore``.
     :param download_results: download the results of finished jobs.
     :param cancel_running_job_after: cancel jobs running longer than this (seconds).
     :param retry_failed_jobs: (prefect-openeo) give rows that end ``error`` or ``start_failed`` up to this many
         new jobs; the n-th retry waits ``retry_backoff * 2**(n-1)`` seconds. Counted in column ``retry_count``.
+    :param storage_options: (prefect-openeo) for a URL ``root_dir``: options of its fsspec filesystem (e.g.
+        ``{"key": ..., "secret": ..., "endpoint_url": ...}`` for s3fs), or a prefect-aws ``AwsCredentials`` block.
+        Without them, credentials come from the environment.
     """
 
     #: Upstream's column requirements (``normalize_df``, dtypes when reading CSV).
@@ -71,12 +78,13 @@ class MultiBackendJobManager:
     def __init__(
         self,
         poll_sleep: int = 60,
-        root_dir: str | Path | None = ".",
+        root_dir: str | Path | ResultStore | Any | None = ".",
         *,
         download_results: bool = True,
         cancel_running_job_after: int | None = None,
         retry_failed_jobs: int = 0,
         retry_backoff: float = 60.0,
+        storage_options: dict | Any | None = None,
     ):
         if not isinstance(retry_failed_jobs, int) or retry_failed_jobs < 0:
             raise ValueError(f"retry_failed_jobs must be a non-negative int, got {retry_failed_jobs!r}")
@@ -84,7 +92,10 @@ class MultiBackendJobManager:
         self._retry_backoff = float(retry_backoff)
         self.backends: dict[str, Backend] = {}
         self.poll_sleep = poll_sleep
-        self._root_dir = Path(root_dir or ".")
+        #: Where results live (``prefect_openeo.storage``): a local folder or object storage.
+        self.result_store = ResultStore.from_root(root_dir or ".", storage_options)
+        #: As openeo's: a ``Path`` for a local folder; the root URL for object storage.
+        self._root_dir = self.result_store.location
         self._download_results = download_results
         self._cancel_running_job_after = cancel_after(cancel_running_job_after)
         self._thread: threading.Thread | None = None
@@ -141,6 +152,7 @@ class MultiBackendJobManager:
             raise TypeError(f"Unexpected keyword arguments: {kwargs!r}")
         if job_db is None:
             raise ValueError("run_jobs needs a job_db (a CSV/Parquet path or a JobDatabaseInterface)")
+        self._check_result_store()
         job_db = resolve_job_db(job_db)
         if job_db.exists():
             _log.info(f"Resuming `run_jobs` from existing {job_db}")
@@ -156,6 +168,11 @@ class MultiBackendJobManager:
             except FileExistsError:  # another worker created it just now, from the same dataframe: use it
                 _log.info(f"Resuming `run_jobs` from {job_db}, created meanwhile by another worker")
         return job_db
+
+    def _check_result_store(self) -> None:
+        """Object storage: fail on bad credentials or a missing bucket now, before any job or download."""
+        if not self.result_store.is_local:
+            self.result_store.check()
 
     def _engine(self, job_db: JobDatabaseInterface, start_job: Callable, should_stop=None) -> JobEngine:
         steps, observer, gate = Steps(), Observer(), SlotGate()
@@ -241,7 +258,13 @@ class MultiBackendJobManager:
         if self._overrides("on_job_error"):
             self.on_job_error(job, row)
         else:
-            save_error_logs(logs, self.get_error_log_path(job.job_id))
+            self._save_error_logs(job.job_id, logs)
+
+    def _save_error_logs(self, job_id: str, logs: list[dict]) -> None:
+        if self.result_store.is_local or self._overrides("get_error_log_path"):
+            save_error_logs(logs, self.get_error_log_path(job_id))
+        elif logs:
+            self.result_store.write_bytes(job_id, f"job_{job_id}_errors.json", json.dumps(logs, indent=2).encode())
 
     def _download(self, job: BatchJob, row: pd.Series, details: dict | None) -> DownloadReport | None:
         if not self._download_results:
@@ -250,7 +273,9 @@ class MultiBackendJobManager:
         backend = self.backends.get(row.get("backend_name")) if hasattr(row, "get") else None
         if backend is not None:
             backend.refresh_token(job.connection)
-        report = steps.download_results(job, self.get_job_dir(job.job_id), details)
+        # Object storage: hand over the store (its credentials) rather than the folder's URL.
+        remote = not self.result_store.is_local and not self._overrides("get_job_dir")
+        report = steps.download_results(job, self.result_store if remote else self.get_job_dir(job.job_id), details)
         with self._stats_lock:
             self.stats["job download"] += 1
             self.stats["files downloaded"] += report.assets
@@ -276,6 +301,7 @@ class MultiBackendJobManager:
 
         if per_second <= 0 or workers < 1:
             raise ValueError(f"per_second must be > 0 and workers >= 1, got {per_second!r} and {workers!r}")
+        self._check_result_store()
         job_db = resolve_job_db(job_db)
         rows = job_db.get_by_status(statuses=["finished"]).copy()
         if missing:
@@ -313,6 +339,9 @@ class MultiBackendJobManager:
 
     def on_job_error(self, job: BatchJob, row: pd.Series) -> None:
         """A job failed. Default: save its error logs as ``job_{id}_errors.json``."""
+        if not self.result_store.is_local and not self._overrides("get_error_log_path"):
+            self._save_error_logs(job.job_id, [dict(entry) for entry in job.logs(level="error")])
+            return
         steps = self._active_steps or Steps()
         steps.fetch_error_logs(job, self.get_error_log_path(job.job_id))
 
@@ -325,17 +354,24 @@ class MultiBackendJobManager:
     global_concurrency: bool = False
 
     # -- paths ------------------------------------------------------------------------------------
-    def get_job_dir(self, job_id: str) -> Path:
-        """Folder for a job's results, metadata and error logs."""
-        return self._root_dir / f"job_{job_id}"
+    def get_job_dir(self, job_id: str) -> Path | str:
+        """Folder for a job's results, metadata and error logs: a ``Path`` under a local ``root_dir``, the
+        folder's URL under object storage (read and write it through ``result_store``)."""
+        return self.result_store.job_location(job_id)
 
-    def get_error_log_path(self, job_id: str) -> Path:
-        return self.get_job_dir(job_id) / f"job_{job_id}_errors.json"
-
-    def get_job_metadata_path(self, job_id: str) -> Path:
-        return self.get_job_dir(job_id) / f"job_{job_id}.json"
-
-    def ensure_job_dir_exists(self, job_id: str) -> Path:
+    def _job_file(self, job_id: str, name: str) -> Path | str:
         job_dir = self.get_job_dir(job_id)
-        job_dir.mkdir(parents=True, exist_ok=True)
+        return job_dir / name if isinstance(job_dir, Path) else f"{job_dir}/{name}"
+
+    def get_error_log_path(self, job_id: str) -> Path | str:
+        return self._job_file(job_id, f"job_{job_id}_errors.json")
+
+    def get_job_metadata_path(self, job_id: str) -> Path | str:
+        return self._job_file(job_id, f"job_{job_id}.json")
+
+    def ensure_job_dir_exists(self, job_id: str) -> Path | str:
+        """The job's folder, created when local (object storage has no folders to create)."""
+        job_dir = self.get_job_dir(job_id)
+        if isinstance(job_dir, Path):
+            job_dir.mkdir(parents=True, exist_ok=True)
         return job_dir

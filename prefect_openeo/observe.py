@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -192,11 +194,13 @@ class PrefectObserver(Observer):
         except Exception as e:
             _log.warning(f"Could not write the run summary: {e!r}")
         try:
-            create_markdown_artifact(
-                markdown=pictures_markdown(rows, self.manager._root_dir),
-                key=f"{self._key}-pictures",
-                description="Tiles by status, and jobs per backend over time",
-            )
+            root = self.manager._root_dir
+            with tempfile.TemporaryDirectory(prefix="prefect-openeo-pictures-") as scratch:
+                create_markdown_artifact(  # object storage: drawn in a temporary folder, only embedded
+                    markdown=pictures_markdown(rows, root if isinstance(root, Path) else scratch),
+                    key=f"{self._key}-pictures",
+                    description="Tiles by status, and jobs per backend over time",
+                )
         except Exception as e:
             _log.warning(f"Could not draw the run's pictures: {e!r}")
         finally:
@@ -243,8 +247,9 @@ def summary_markdown(manager: MultiBackendJobManager, df: pd.DataFrame, stats: d
     if manager._download_results and not finished.empty:
         lines += ["", "## Results", ""]
         for index, row in finished.head(SUMMARY_LINK_LIMIT).iterrows():
-            job_dir = manager.get_job_dir(row["id"]).resolve()
-            lines.append(f"- row {index}: [{row['id']}]({job_dir.as_uri()})")
+            job_dir = manager.get_job_dir(row["id"])  # a Path, or a URL on object storage
+            link = job_dir.resolve().as_uri() if isinstance(job_dir, Path) else job_dir
+            lines.append(f"- row {index}: [{row['id']}]({link})")
         if len(finished) > SUMMARY_LINK_LIMIT:
             lines.append(f"- ... and {len(finished) - SUMMARY_LINK_LIMIT} more under `{manager._root_dir}`")
     lines += ["", "## Run stats", "", "```", *(f"{k}: {v}" for k, v in sorted(stats.items())), "```"]

@@ -70,6 +70,77 @@ def pg_table(postgres_engine):
         conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}_meta"'))
 
 
+class S3Server:
+    """A moto S3 server running as its own process on 127.0.0.1 (see the ``s3_server`` fixture)."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def client(self):
+        """A plain boto3 client (independent of s3fs) to inspect what the code under test left."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+    def new_bucket(self) -> str:
+        import uuid
+
+        name = f"results-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server: ``moto_server`` in a separate process. Credentials, region and endpoint
+    are set in the environment (as a user's deployment would), and instance metadata lookups are off."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from prefect_openeo.testing import free_port
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if requests.get(f"{endpoint}/moto-api/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto_server did not answer in 120 s")
+            time.sleep(0.2)
+        with pytest.MonkeyPatch.context() as mp:
+            for name in [k for k in os.environ if k.startswith("AWS_")]:
+                mp.delenv(name)
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            mp.setenv("AWS_CONFIG_FILE", os.devnull)
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+            yield S3Server(endpoint)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def ndvi_job(row: pd.Series, connection: openeo.Connection, **kwargs) -> openeo.BatchJob:
     """A typical user callback: an NDVI job over the row's bbox and year."""
     year = int(row["year"])
