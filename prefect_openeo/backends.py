@@ -209,6 +209,7 @@ class Backend:
         self._limited_slots: int | None = None
         self._limited_until = 0.0
         self._checked = False
+        self._connecting = threading.Lock()
         #: Durations (creation to end, seconds) of the last jobs seen ending here, and the last sweep's time.
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
         self._last_sweep = 0.0
@@ -219,6 +220,10 @@ class Backend:
         Raises ``BackendUnavailable`` when the backend cannot be reached now, ``BackendError`` when it cannot
         be used at all (not openEO, credentials rejected, a broken connection getter).
         """
+        with self._connecting:  # one connection, even when the start check and the lane ask at once
+            return self._connect()
+
+    def _connect(self) -> Connection:
         if self._connection is None:
             try:
                 connection = self.get_connection()

@@ -61,12 +61,18 @@ DOWNLOAD_ATTEMPTS = 3
 DOWNLOAD_WORKERS = 4
 RETRY_COUNT_COLUMN = "retry_count"
 RETRY_AFTER_COLUMN = "retry_after"
+#: Longest the start of a run waits for its backend checks (a slow one goes on in its lane; seconds).
+CHECK_WAIT = 10.0
 #: Longest a sweep waits for a backend's lane before going on without it (seconds).
 LANE_WAIT = 10.0
 #: A cap on new rows that does not limit anything (the budget does).
 NO_CAP = 1_000_000
 #: After this many identical ``start_job`` failures in a row, the run stops creating jobs and fails.
 IDENTICAL_FAILURES_STOP = 5
+
+
+class BackendsGaveOut(RuntimeError):
+    """The run ended with rows left that only backends it gave up on (unreachable for too long) could do."""
 
 
 class StartJobFailing(RuntimeError):
@@ -151,6 +157,9 @@ class RunSettings:
     connection_provider: Callable[[str], Connection] | None = None
     #: Stop after this many identical ``start_job`` failures in a row (None: never).
     identical_failures_stop: int | None = IDENTICAL_FAILURES_STOP
+    #: Give up on a backend that stays unreachable this long (seconds; None: wait for it, as for an outage).
+    #: The run then ends when the other backends have nothing left, with ``BackendsGaveOut`` if rows remain.
+    give_up_after: float | None = None
 
 
 @dataclass
@@ -198,6 +207,9 @@ class JobEngine:
         self._budgets = {name: backend.parallel_jobs for name, backend in self.backends.items()}
         #: Backends that could not be reached, with why (their lanes keep trying).
         self._down: dict[str, str] = {}
+        self._down_since: dict[str, float] = {}
+        #: Backends unreachable for longer than ``give_up_after``: no more work goes to them in this run.
+        self._given_up: set[str] = set()
         #: Rows whose last problem is still unresolved, with a message (for the run's summary).
         self._problems: dict[Any, str] = {}
         #: ``GET /jobs/{id}`` documents of jobs that ended, handed to their downloads (saves a request).
@@ -237,6 +249,13 @@ class JobEngine:
             self.gate.close()
             self._release()
             self.observer.run_done(self.job_db, self.stats, dict(self._problems))
+        if self._given_up and not self.should_stop():
+            left = self._work_by_backend()
+            raise BackendsGaveOut(
+                f"Gave up on backend(s) {', '.join(sorted(self._given_up))}: unreachable for more than "
+                f"{self.settings.give_up_after:g} s; {sum(left.values())} row(s) are left for them (pinned or with "
+                "their jobs there): run again once they are back"
+            )
         return self.stats
 
     def _release(self) -> None:
@@ -250,14 +269,27 @@ class JobEngine:
         self.rows.release(keep)
 
     def has_work(self) -> bool:
-        return (
-            sum(self.job_db.count_by_status(statuses=WORK_STATUSES).values()) > 0
-            or self.rows.pending_downloads(list(self.backends)) > 0
-            or self._busy()
-        )
+        if self._busy():
+            return True
+        usable = [name for name in self.backends if name not in self._given_up]
+        if not usable:
+            return False
+        if self.rows.pending_downloads(usable) > 0:
+            return True
+        if not self._given_up:
+            return sum(self.job_db.count_by_status(statuses=WORK_STATUSES).values()) > 0
+        left = self._work_by_backend()
+        return any(name not in self._given_up for name in left)
+
+    def _work_by_backend(self) -> dict[str, int]:
+        """Rows still to work on, by the backend they are tied to ("" for rows any backend may take)."""
+        rows = self.job_db.get_by_status(statuses=WORK_STATUSES)
+        names = rows["backend_name"].map(lambda v: "" if blank(v) else v)
+        return names.value_counts().to_dict()
 
     def _busy(self) -> bool:
-        return any(lane.busy() for lane in self._lanes.values()) or bool(self._downloading)
+        """Work under way that the run must wait for (a lane only checking whether its backend is back is not)."""
+        return any(lane.busy() and not lane.checking for lane in self._lanes.values()) or bool(self._downloading)
 
     def _sleep(self) -> None:
         """Sleep ``poll_sleep`` through ``time.sleep`` looked up now, so patches and time machines apply.
@@ -298,14 +330,17 @@ class JobEngine:
         submitted = []
         for name, backend in self.backends.items():
             lane = self._lanes[name]
+            if name in self._given_up:
+                continue
             if lane.busy():
                 self.stats["lane busy"] += 1
                 continue
             mine = active[active["backend_name"] == name]
             pending = unresolved[unresolved[PLANNED_COLUMN] == name] if PLANNED_COLUMN in unresolved else None
             new = plan.get(name, mine.iloc[0:0])
-            if mine.empty and new.empty and (pending is None or pending.empty) and name not in self._down:
-                continue
+            if mine.empty and new.empty and (pending is None or pending.empty):
+                if name not in self._down or not self.job_db.count_by_status(statuses=["not_started"]):
+                    continue  # nothing to do; a backend that is down is tried again while rows wait
             work = BackendWork(self._lane_config, backend, mine.copy(), new, pending)
             submitted.append(lane.submit(work))
         if submitted:
@@ -374,12 +409,19 @@ class JobEngine:
                 self._details[index] = result.details[index]
 
     def _note_availability(self, name: str, unavailable: str | None) -> None:
+        now = time.monotonic()
         if unavailable and name not in self._down:
             _log.warning(f"{unavailable}; its jobs wait while the other backends go on (trying again each sweep)")
+            self._down_since[name] = now
         elif not unavailable and name in self._down:
             _log.warning(f"Backend {name!r} is reachable again")
         if unavailable:
             self._down[name] = unavailable
+            limit = self.settings.give_up_after
+            if limit is not None and now - self._down_since[name] > limit and name not in self._given_up:
+                _log.error(f"Giving up on backend {name!r} for this run: unreachable for more than {limit:g} s")
+                self._given_up.add(name)
+                self.stats["backend given up"] += 1
         else:
             self._down.pop(name, None)
 
@@ -504,13 +546,18 @@ class JobEngine:
 
     # -- after a crash or restart -----------------------------------------------------------------
     def _check_backends(self) -> None:
-        """Every backend is checked before anything starts (in parallel): one that is not a usable openEO API
-        stops the run here; one that cannot be reached now waits in its lane while the others work."""
+        """Every backend is checked before anything starts (in parallel, for up to ``CHECK_WAIT`` seconds): one
+        that is not a usable openEO API stops the run here; one that cannot be reached now (or not yet known)
+        waits, and its lane keeps trying, while the others work."""
         checks = {
             name: run_in_thread(backend.check, f"prefect-openeo-check-{name}")
             for name, backend in self.backends.items()
         }
+        concurrent.futures.wait(checks.values(), timeout=CHECK_WAIT)
         for name, future in checks.items():
+            if not future.done():
+                self._note_availability(name, f"Backend {name!r}: still connecting after {CHECK_WAIT:g} s")
+                continue
             try:
                 future.result()
             except BackendUnavailable as e:

@@ -81,6 +81,8 @@ class Lane:
         self.future: concurrent.futures.Future | None = None
         #: Rows whose creation the current work may be doing (kept claimed if the run stops meanwhile).
         self.creating: list = []
+        #: Whether the current work only checks that the backend is reachable (it has no rows).
+        self.checking = False
 
     def busy(self) -> bool:
         """Working, or done with a result the engine has not applied yet (new work would lose it)."""
@@ -90,6 +92,7 @@ class Lane:
         if self.busy():
             raise RuntimeError(f"Lane {self.name!r} is busy")
         self.creating = list(getattr(fn, "creating", []))
+        self.checking = bool(getattr(fn, "only_checks", False))
         self.future = run_in_thread(fn, f"prefect-openeo-{self.name}")
         return self.future
 
@@ -171,6 +174,11 @@ class BackendWork:
     def creating(self) -> list:
         """Rows whose creation this work may be doing."""
         return self.new_indices + self.unresolved_indices
+
+    @property
+    def only_checks(self) -> bool:
+        """Whether this work has no rows: it only checks that its backend is reachable."""
+        return not (self.active_indices or self.new_indices or self.unresolved_indices)
 
     def __call__(self) -> LaneResult:
         try:

@@ -67,6 +67,9 @@ class MultiBackendJobManager:
     :param cancel_running_job_after: cancel jobs running longer than this (seconds).
     :param retry_failed_jobs: (prefect-openeo) give rows that end ``error`` or ``start_failed`` up to this many
         new jobs; the n-th retry waits ``retry_backoff * 2**(n-1)`` seconds. Counted in column ``retry_count``.
+    :param give_up_after: (prefect-openeo) stop waiting for a backend that stays unreachable this long (seconds):
+        the run ends once the others have nothing left, raising ``BackendsGaveOut`` if rows remain for it. By
+        default a backend that is down is waited for (the others go on meanwhile).
     :param storage_options: (prefect-openeo) for a URL ``root_dir``: options of its fsspec filesystem (e.g.
         ``{"key": ..., "secret": ..., "endpoint_url": ...}`` for s3fs), or a prefect-aws ``AwsCredentials`` block.
         Without them, credentials come from the environment.
@@ -85,11 +88,13 @@ class MultiBackendJobManager:
         retry_failed_jobs: int = 0,
         retry_backoff: float = 60.0,
         storage_options: dict | Any | None = None,
+        give_up_after: float | None = None,
     ):
         if not isinstance(retry_failed_jobs, int) or retry_failed_jobs < 0:
             raise ValueError(f"retry_failed_jobs must be a non-negative int, got {retry_failed_jobs!r}")
         self._retry_failed_jobs = retry_failed_jobs
         self._retry_backoff = float(retry_backoff)
+        self._give_up_after = give_up_after
         self.backends: dict[str, Backend] = {}
         self.poll_sleep = poll_sleep
         #: Where results live (``prefect_openeo.storage``): a local folder or object storage.
@@ -240,6 +245,7 @@ class MultiBackendJobManager:
             on_error=self._job_error,
             on_cancel=self.on_job_cancel,
             connection_provider=self._get_connection,
+            give_up_after=self._give_up_after,
         )
 
     # -- hooks ------------------------------------------------------------------------------------

@@ -75,3 +75,41 @@ def test_different_failures_do_not_stop_the_run(openeo_simulator, tmp_path):
     )
     df = pd.read_csv(tmp_path / "jobs.csv")
     assert (df["status"] == "start_failed").sum() == 6 and stats["job finished"] == 6
+
+
+def _closed_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_backend_down_at_the_start_does_not_stop_the_others(openeo_simulator, tmp_path, caplog):
+    """The down backend waits in its lane (its connection attempts take their time there) while the other works."""
+    down = _closed_port()
+    manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path / "root")
+    manager.add_backend("down", connection=lambda: openeo.connect(down), parallel_jobs=2)
+    manager.add_backend("sim", connection=openeo.connect(openeo_simulator.url), parallel_jobs=2)
+    with caplog.at_level(logging.WARNING, logger="prefect_openeo"):
+        stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(4), start_job=ndvi_job)
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(df["status"]) == ["finished"] * 4 and set(df["backend_name"]) == {"sim"}
+    assert stats["job finished"] == 4
+    assert "Backend 'down'" in caplog.text and "the other backends go on" in caplog.text
+
+
+def test_giving_up_on_a_backend_ends_the_run_with_a_clear_error(openeo_simulator, tmp_path):
+    from prefect_openeo.engine import BackendsGaveOut
+
+    down = _closed_port()
+    df = tiles_df(3)
+    df["backend_name"] = [None, "down", None]  # row 1 is pinned to the backend that is down
+    manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path / "root", give_up_after=1.0)
+    manager.add_backend("down", connection=lambda: openeo.connect(down), parallel_jobs=2)
+    manager.add_backend("sim", connection=openeo.connect(openeo_simulator.url), parallel_jobs=2)
+    with pytest.raises(BackendsGaveOut, match="Gave up on backend\\(s\\) down: .* 1 row\\(s\\) are left"):
+        manager.run_jobs(job_db=tmp_path / "jobs.csv", df=df, start_job=ndvi_job)
+    out = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(out["status"]) == ["finished", "not_started", "finished"]
+    assert openeo_simulator.created_count() == 2
