@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.machinery
@@ -10,7 +11,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ import pandas as pd
 from openeo import Connection
 from openeo.extra.job_management import JobDatabaseInterface
 from prefect import Flow, get_run_logger
+from prefect.states import Cancelled
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
@@ -224,6 +226,38 @@ def _where_it_failed(error: Exception) -> str:
     return f"{where}{type(error).__name__}: {error}"
 
 
+#: Job databases that only one flow run may work on at a time (SQL ones are shared by design: row claims).
+FILE_JOB_DB_SUFFIXES = (".csv", ".parquet", ".geoparquet")
+
+
+@contextlib.contextmanager
+def sole_run(job_db: Any) -> Iterator[bool]:
+    """Hold ``<file>.lock`` beside a CSV/Parquet job database exclusively while a run works on it (two runs on
+    one file would both create jobs for the same rows); yields False when another process holds it. The
+    operating system lets go of it when the process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    path = Path(job_db) if isinstance(job_db, (str, Path)) and "://" not in str(job_db) else None
+    if fcntl is None or path is None or path.suffix.lower() not in FILE_JOB_DB_SUFFIXES:
+        yield True
+        return
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+        try:
+            yield held
+        finally:
+            if held:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _described(value: Any) -> bool:
     """A live object's description, as ``describe`` stores it (not something to connect to)."""
     return isinstance(value, str) and value.startswith("<") and value.endswith(">")
@@ -313,7 +347,8 @@ def run_openeo_jobs(
             mark their rows canceled); by default they keep running and a later run tracks them.
 
     Returns:
-        The run stats, as openeo's `MultiBackendJobManager.run_jobs`.
+        The run stats, as openeo's `MultiBackendJobManager.run_jobs`. A run that finds another one working on
+        the same CSV/Parquet job database (a lock file beside it) ends Cancelled at once.
     """
     refuse_plain_secrets({"backends": backends, "job_db": job_db})  # runs created through the API
     logger = get_run_logger()
@@ -349,6 +384,15 @@ def run_openeo_jobs(
         manager.add_backend(name, connection=connection, parallel_jobs=slots[name])
     if isinstance(start_job, JobCreatorSpec):  # a validated spec (e.g. from tile_and_run)
         start_job = start_job.model_dump(exclude_none=True)
-    stats = manager.run_jobs(df=df, start_job=load_callable(start_job), job_db=job_db)
+    callback = load_callable(start_job)
+    with sole_run(job_db) as alone:
+        if not alone:
+            message = (
+                f"Another flow run is working on the job database {job_db} (lock file {job_db}.lock): "
+                "this run leaves it to that one and ends"
+            )
+            logger.warning(message)
+            return Cancelled(message=message)
+        stats = manager.run_jobs(df=df, start_job=callback, job_db=job_db)
     logger.info(f"Run stats: {dict(stats)}")
     return dict(stats)

@@ -100,6 +100,17 @@ def wait_final(client, run_id: str, worker_log: Path, seconds: float = 420):
     )
 
 
+def wait_for_a_running_row(job_db: Path, client, run_id: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if job_db.exists() and "running" in set(pd.read_parquet(job_db, columns=["status"])["status"]):
+            return
+        state = client.read_flow_run(run_id).state
+        assert state is None or not state.is_final(), state
+        time.sleep(0.5)
+    raise AssertionError(f"no row of {job_db} is running after {seconds} s")
+
+
 # -- checks ---------------------------------------------------------------------------------------------
 def assert_results_present(job_db: Path, root_dir: Path) -> pd.DataFrame:
     """Every row finished, and every asset of its job is on disk with the size and checksum its backend said."""
@@ -180,7 +191,16 @@ def test_readme_deployment_steps_with_the_real_cli_server_and_worker(openeo_simu
             overrides = ["--param", f"job_db={job_db}", "--param", f"root_dir={root_dir}", "--param", "poll_sleep=0.2"]
 
             with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+                sim.config.run_duration = 6  # long enough for the hourly run to come while tile-and-run works
                 first = flow_run_id(ok(readme_command(f"prefect deployment run {TILE_AND_RUN}") + overrides, env))
+                wait_for_a_running_row(job_db, client, first)
+                # The hourly run, coming while tile-and-run works on the job database, leaves it alone.
+                overlap = flow_run_id(ok(readme_command(f"prefect deployment run {RESUME}") + overrides, env))
+                flow_run = wait_final(client, overlap, worker_log)
+                assert flow_run.state.is_cancelled(), (flow_run.state, worker_log.read_text()[-4000:])
+                assert "Another flow run is working on the job database" in flow_run.state.message
+                assert client.read_flow_run(first).state.is_running()
+                sim.config.run_duration = 0.3
                 flow_run = wait_final(client, first, worker_log)
                 assert flow_run.state.is_completed(), (flow_run.state, worker_log.read_text()[-4000:])
 
@@ -406,3 +426,42 @@ def test_parallel_jobs_of_block_backends(prefect_api, openeo_simulator, tmp_path
         budgets({"c": 1}, ["a"], {})
     with pytest.raises(ValueError, match="backend 'a' must be a whole number >= 0"):
         budgets(-1, ["a"], {})
+
+
+def test_the_example_flow_takes_live_objects_in_process_and_refuses_plain_secrets(
+    prefect_api, openeo_simulator, tmp_path
+):
+    """flows/tile_and_run.py validates its typed parameters, yet takes a live Connection in-process (stored as
+    a description); a plain password is refused by it, and by run_openeo_jobs.with_options, too."""
+    import importlib.util
+
+    from prefect.client.orchestration import get_client
+
+    from prefect_openeo.flows import OpenEOFlow, PlainSecretError, run_openeo_jobs
+
+    spec = importlib.util.spec_from_file_location("tile_and_run_example", REPO / "flows" / "tile_and_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.tile_and_run.should_validate_parameters
+    state = module.tile_and_run(
+        area=str(REPO / "flows" / "mol.geojson"),
+        job_db=str(tmp_path / "jobs.parquet"),
+        backends={"sim": openeo.connect(openeo_simulator.url)},
+        tile_size="20000",  # validated: made a number
+        poll_sleep=0.1,
+        root_dir=str(tmp_path / "results"),
+        return_state=True,
+    )
+    assert state.is_completed(), state
+    assert state.result()["job finished"] == len(pd.read_parquet(tmp_path / "jobs.parquet")) >= 2
+    with get_client(sync_client=True) as client:
+        parameters = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert parameters["backends"] == {"sim": f"<Connection to {openeo_simulator.url}>"}
+
+    plain = {"sim": {"url": openeo_simulator.url, "username": "user", "password": "password"}}
+    with pytest.raises(PlainSecretError, match="is a plain password"):
+        module.tile_and_run(area="flows/mol.geojson", job_db=str(tmp_path / "other.parquet"), backends=plain)
+    renamed = run_openeo_jobs.with_options(name="renamed")
+    assert isinstance(renamed, OpenEOFlow)
+    with pytest.raises(PlainSecretError, match="is a plain password"):
+        renamed(job_db=str(tmp_path / "jobs.parquet"), backends=plain, start_job=create_ndvi_job)
