@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -185,13 +184,14 @@ def test_readme_deployment_steps_with_the_real_cli_server_and_worker(openeo_simu
         try:
             from prefect.client.orchestration import get_client
             from prefect.settings import PREFECT_API_URL, temporary_settings
+            from prefect.states import Cancelling
 
             # What the README lets users change per run: job_db, root_dir, poll_sleep.
             job_db, root_dir = tmp_path / "jobs.parquet", tmp_path / "results"
             overrides = ["--param", f"job_db={job_db}", "--param", f"root_dir={root_dir}", "--param", "poll_sleep=0.2"]
 
             with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-                sim.config.run_duration = 6  # long enough for the hourly run to come while tile-and-run works
+                sim.config.run_duration = 120  # the hourly run comes while tile-and-run works, however slowly
                 first = flow_run_id(ok(readme_command(f"prefect deployment run {TILE_AND_RUN}") + overrides, env))
                 wait_for_a_running_row(job_db, client, first)
                 # The hourly run, coming while tile-and-run works on the job database, leaves it alone.
@@ -200,28 +200,31 @@ def test_readme_deployment_steps_with_the_real_cli_server_and_worker(openeo_simu
                 assert flow_run.state.is_cancelled(), (flow_run.state, worker_log.read_text()[-4000:])
                 assert "Another flow run is working on the job database" in flow_run.state.message
                 assert client.read_flow_run(first).state.is_running()
-                sim.config.run_duration = 0.3
-                flow_run = wait_final(client, first, worker_log)
-                assert flow_run.state.is_completed(), (flow_run.state, worker_log.read_text()[-4000:])
 
+                # tile-and-run is cancelled while its jobs run on the backend (as if it had died) ...
+                client.set_flow_run_state(first, Cancelling(), force=True)
+                flow_run = wait_final(client, first, worker_log)
+                assert flow_run.state.is_cancelled(), (flow_run.state, worker_log.read_text()[-4000:])
                 from prefect_openeo.tiling import read_area, tile_area
 
                 expected_tiles = len(tile_area(read_area(REPO / "flows" / "mol.geojson"), tile_size=10_000))
                 assert 2 <= expected_tiles <= 12  # a handful
-                df = assert_results_present(job_db, root_dir)
-                assert len(df) == expected_tiles == sim.created_count()
-                assert {job["user"] for job in sim.jobs()} == {"user"}  # authenticated through the block
+                statuses = pd.read_parquet(job_db, columns=["status"])["status"]
+                assert len(statuses) == expected_tiles and "finished" not in set(statuses)
+                assert 0 < sim.created_count() < expected_tiles
+                sim.config.run_duration = 0.3
+                for job in sim.jobs():  # done waiting: the long jobs end now
+                    if job["status"] in ("queued", "running"):
+                        sim.set_status(job["id"], "finished")
 
-                # The hourly deployment resumes the same job database: a job's lost results are downloaded
-                # again, nothing is created twice.
-                lost = root_dir / f"job_{df['id'].iloc[0]}"
-                shutil.rmtree(lost)
+                # ... and the hourly deployment resumes its job database: the running jobs are tracked, not
+                # created again, the others created, and every result downloaded.
                 second = flow_run_id(ok(readme_command(f"prefect deployment run {RESUME}") + overrides, env))
                 flow_run = wait_final(client, second, worker_log)
                 assert flow_run.state.is_completed(), (flow_run.state, worker_log.read_text()[-4000:])
-                assert lost.exists()
-                assert_results_present(job_db, root_dir)
-                assert sim.created_count() == expected_tiles
+                df = assert_results_present(job_db, root_dir)
+                assert len(df) == expected_tiles == sim.created_count() == len(set(df["id"]))
+                assert {job["user"] for job in sim.jobs()} == {"user"}  # authenticated through the block
 
                 # A plain password in a parameter is refused: no flow run holds it.
                 runs_before = len(client.read_flow_runs(limit=200))
