@@ -1,25 +1,106 @@
-"""The manager loop as a Prefect flow: ``run_openeo_jobs``."""
+"""The deployable flow ``run_openeo_jobs``: the manager loop as a Prefect flow, with typed plain-data parameters."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
-import openeo
 import pandas as pd
 from openeo import Connection
-from prefect import flow, get_run_logger
+from openeo.extra.job_management import JobDatabaseInterface
+from prefect import Flow, get_run_logger
+from prefect.states import Cancelled
+from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
 
 from prefect_openeo.manager import MultiBackendJobManager
+from prefect_openeo.parameters import (
+    BLOCK_PREFIX,
+    BackendSpec,
+    JobCreatorSpec,
+    PlainSecretError,
+    connect,
+    describe,
+    load_block,
+    refuse_plain_secrets,
+)
+
+__all__ = [
+    "BLOCK_PREFIX",
+    "BackendRef",
+    "OpenEOFlow",
+    "ParallelJobs",
+    "PlainSecretError",
+    "StartJobRef",
+    "connect",
+    "load_block",
+    "load_callable",
+    "openeo_flow",
+    "run_openeo_jobs",
+]
+
+#: A backend: ``"block:NAME"``, a URL, or a ``BackendSpec``; in-process also a Connection or a callable making one.
+BackendRef = str | BackendSpec | SkipJsonSchema[Connection] | SkipJsonSchema[Callable[[], Connection]]
+#: The job callback: ``"module:function"`` or a ``ProcessBasedJobCreator`` spec; in-process also any callable.
+StartJobRef = str | JobCreatorSpec | SkipJsonSchema[Callable[..., Any]]
+#: Jobs active at once per backend: one number for all, or per backend name; None: each block's own.
+ParallelJobs = Annotated[int, Field(ge=0)] | dict[str, Annotated[int, Field(ge=0)]] | None
+
+DEFAULT_PARALLEL_JOBS = 2
+
+
+class OpenEOFlow(Flow):
+    """A flow whose parameters are checked for plain secrets before its run is created, and stored as plain
+    data (live objects as a short description, never their attributes)."""
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        refuse_plain_secrets(parameters)
+        return super().serialize_parameters({key: describe(value) for key, value in parameters.items()})
+
+    def with_options(self, **kwargs: Any) -> OpenEOFlow:
+        new_flow = super().with_options(**kwargs)
+        new_flow.__class__ = type(self)
+        return new_flow
+
+
+def openeo_flow(**kwargs: Any) -> Callable[[Callable[..., Any]], OpenEOFlow]:
+    """``@flow(...)`` for flows that take backends: an ``OpenEOFlow`` (no plain secrets in parameters)."""
+
+    def decorate(fn: Callable[..., Any]) -> OpenEOFlow:
+        return OpenEOFlow(fn=fn, **kwargs)
+
+    return decorate
+
+
+def budgets(
+    parallel_jobs: int | Mapping[str, int] | None, names: list[str], block_budgets: Mapping[str, int]
+) -> dict[str, int]:
+    """Jobs active at once per backend: an explicit number (for all, or per name) wins; otherwise a block's
+    own ``parallel_jobs``, else 2. A per-name mapping must name only given backends."""
+    if isinstance(parallel_jobs, Mapping):
+        unknown = sorted(set(parallel_jobs) - set(names))
+        if unknown:
+            raise ValueError(f"parallel_jobs names backends that are not given: {unknown} (backends: {names})")
+    result = {}
+    for name in names:
+        value = parallel_jobs.get(name) if isinstance(parallel_jobs, Mapping) else parallel_jobs
+        if value is None:
+            value = block_budgets.get(name, DEFAULT_PARALLEL_JOBS)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"parallel_jobs for backend {name!r} must be a whole number >= 0, got {value!r}")
+        result[name] = value
+    return result
 
 
 def load_callable(spec: str | Mapping | Callable) -> Callable:
@@ -145,47 +226,47 @@ def _where_it_failed(error: Exception) -> str:
     return f"{where}{type(error).__name__}: {error}"
 
 
-BLOCK_PREFIX = "block:"
+#: Job databases that only one flow run may work on at a time (SQL ones are shared by design: row claims).
+FILE_JOB_DB_SUFFIXES = (".csv", ".parquet", ".geoparquet")
 
 
-def connect(spec: Connection | str | Mapping | Callable[[], Connection]) -> Connection | Callable[[], Connection]:
-    """A backend given as a Connection, a callable, a URL, ``"block:NAME"`` (an ``OpenEOBackend`` block),
-    or ``{"url": ..., "username": ..., "password": ...}``."""
-    if isinstance(spec, Connection) or callable(spec):
-        return spec
-    if isinstance(spec, str) and spec.startswith(BLOCK_PREFIX):
-        return load_block(spec).get_connection
-    if isinstance(spec, str):
-        return lambda: openeo.connect(spec)
-    if isinstance(spec, Mapping) and "url" in spec:
+@contextlib.contextmanager
+def sole_run(job_db: Any) -> Iterator[bool]:
+    """Hold ``<file>.lock`` beside a CSV/Parquet job database exclusively while a run works on it (two runs on
+    one file would both create jobs for the same rows); yields False when another process holds it. The
+    operating system lets go of it when the process ends, however it ends."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    path = Path(job_db) if isinstance(job_db, (str, Path)) and "://" not in str(job_db) else None
+    if fcntl is None or path is None or path.suffix.lower() not in FILE_JOB_DB_SUFFIXES:
+        yield True
+        return
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+        try:
+            yield held
+        finally:
+            if held:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-        def make() -> Connection:
-            connection = openeo.connect(spec["url"])
-            if spec.get("username"):
-                connection.authenticate_basic(spec["username"], spec.get("password"))
-            elif spec.get("auth") == "oidc":
-                connection.authenticate_oidc()
-            return connection
 
-        return make
-    raise ValueError(f"Cannot make a backend connection from {spec!r}")
-
-
-def load_block(spec: str):
-    """The ``OpenEOBackend`` block named in ``"block:NAME"``."""
-    from prefect_openeo.blocks import OpenEOBackend
-
-    return OpenEOBackend.load(spec[len(BLOCK_PREFIX) :])
+def _described(value: Any) -> bool:
+    """A live object's description, as ``describe`` stores it (not something to connect to)."""
+    return isinstance(value, str) and value.startswith("<") and value.endswith(">")
 
 
 def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     """``on_cancellation`` hook: with ``cancel_backend_jobs=True``, cancel the run's active backend jobs too
     and mark their rows ``canceled``. Without it, active rows stay as they are and a later run tracks them
     (the job database is always consistent: every write is atomic)."""
-    import logging
-
-    from openeo.extra.job_management import JobDatabaseInterface
-
     from prefect_openeo.frames import blank, set_cell
     from prefect_openeo.jobdb import resolve_job_db
     from prefect_openeo.states import ACTIVE
@@ -195,12 +276,16 @@ def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     if not params.get("cancel_backend_jobs"):
         return
     job_db = params.get("job_db")
-    if not isinstance(job_db, (str, JobDatabaseInterface)):
+    if not isinstance(job_db, (str, JobDatabaseInterface)) or _described(job_db):
         log.warning("cancel_backend_jobs: the job database is not known to the hook")
         return
     db = resolve_job_db(job_db)
     rows = db.get_by_status(statuses=list(ACTIVE)).copy()
-    backends = {name: connect(spec) for name, spec in (params.get("backends") or {}).items()}
+    backends = {
+        name: connect(spec, name)
+        for name, spec in (params.get("backends") or {}).items()
+        if not _described(spec)  # a live connection given in-process is not stored: its jobs are left as they are
+    }
     connections: dict[str, Connection] = {}
     for index, row in rows.iterrows():
         name, job_id = row.get("backend_name"), row.get("id")
@@ -219,40 +304,75 @@ def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     log.info(f"Canceled {(rows['status'] == 'canceled').sum()} backend job(s) with the flow run")
 
 
-@flow(name="run-openeo-jobs", log_prints=True, validate_parameters=False, on_cancellation=[cancel_backend_jobs])
+@openeo_flow(name="run-openeo-jobs", log_prints=True, validate_parameters=False, on_cancellation=[cancel_backend_jobs])
 def run_openeo_jobs(
-    job_db: Any,
-    backends: Mapping[str, Any],
-    start_job: Any,
-    parallel_jobs: int | Mapping[str, int] = 2,
-    poll_sleep: float = 60,
-    root_dir: str | Path = ".",
+    job_db: str | SkipJsonSchema[Path] | SkipJsonSchema[JobDatabaseInterface],
+    backends: Mapping[str, BackendRef],
+    start_job: StartJobRef,
+    parallel_jobs: ParallelJobs = None,
+    poll_sleep: Annotated[float, Field(ge=0)] = 60,
+    root_dir: str = ".",
     download_results: bool = True,
-    cancel_running_job_after: int | None = None,
-    df: pd.DataFrame | None = None,
+    cancel_running_job_after: Annotated[int, Field(gt=0)] | None = None,
+    df: SkipJsonSchema[pd.DataFrame | None] = None,
     global_concurrency: bool = True,
     cancel_backend_jobs: bool = False,
 ) -> dict:
     """Run one openEO batch job per row of a job database, across backends, until every row ended.
 
-    :param job_db: a CSV/Parquet path or a ``JobDatabaseInterface``; resumed when it exists.
-    :param backends: backend name -> ``Connection``, URL, ``"block:NAME"`` of an ``OpenEOBackend`` block, or
-        ``{"url", "username", "password"}``; filled in this order.
-    :param start_job: the callback that creates one row's job: a callable (e.g. a ``ProcessBasedJobCreator``),
-        ``"module:function"``, or a dict spec ``{"process_id", "namespace", "parameter_defaults",
-        "parameter_column_map"}`` of a ``ProcessBasedJobCreator`` (plain data, for deployments).
-    :param parallel_jobs: jobs active at once per backend (one int for all, or per backend name).
-    :param df: rows to initialize a new job database with.
-    :param global_concurrency: also hold every job's slot in the Prefect global concurrency limit
-        ``openeo-<backend>`` (created with ``parallel_jobs`` if missing), so that several flow runs and
-        deployments together never exceed a backend's budget.
-    :param cancel_backend_jobs: when the flow run is cancelled in Prefect, cancel its active backend jobs too
-        (and mark their rows ``canceled``); by default they keep running and a later run tracks them.
-    :return: the run stats, as openeo's ``MultiBackendJobManager.run_jobs``.
+    Args:
+        job_db: The job database: a CSV or Parquet path, a `.db`/`.sqlite` file, or a database URL without a
+            password (e.g. `postgresql+psycopg://user@host/db`); resumed when it exists. Relative paths are
+            relative to the flow run's working directory.
+        backends: Backend name -> `block:NAME` (an OpenEOBackend block: URL, credentials, parallel_jobs), a URL
+            (no authentication), or a spec whose secrets are named, never given: password/client_secret/token as
+            {"secret": NAME} (a Prefect Secret block) or {"env": VAR} (an environment variable of the worker).
+            Backends are filled in this order.
+        start_job: The callback that creates one row's job: `package.module:function` (installed, or in the
+            working directory), `path/to/file.py:function`, or a ProcessBasedJobCreator spec {process_id,
+            namespace, parameter_defaults, parameter_column_map}.
+        parallel_jobs: Jobs active at once per backend: one number for all backends, or backend name -> number.
+            Left empty: each OpenEOBackend block's own parallel_jobs, and 2 for other backends. An explicit
+            number wins over a block's.
+        poll_sleep: Seconds between two sweeps of the backends' job listings.
+        root_dir: Folder for the results: one job_{id}/ folder per job. Relative to the flow run's working
+            directory.
+        download_results: Download the results of finished jobs (and their metadata) into root_dir.
+        cancel_running_job_after: Cancel jobs that have been running longer than this many seconds.
+        df: In-process only: rows to initialize a new job database with.
+        global_concurrency: Hold every job's slot in the Prefect global concurrency limit `openeo-<backend>`
+            (created with the backend's parallel_jobs when missing), so that several flow runs and deployments
+            together never exceed a backend's budget.
+        cancel_backend_jobs: When the flow run is cancelled in Prefect, cancel its active backend jobs too (and
+            mark their rows canceled); by default they keep running and a later run tracks them.
+
+    Returns:
+        The run stats, as openeo's `MultiBackendJobManager.run_jobs`. A run that finds another one working on
+        the same CSV/Parquet job database (a lock file beside it) ends Cancelled at once.
     """
+    refuse_plain_secrets({"backends": backends, "job_db": job_db})  # runs created through the API
     logger = get_run_logger()
     if not backends:
         raise ValueError("run_openeo_jobs needs at least one backend")
+    if df is None and isinstance(job_db, (str, Path)):
+        from prefect_openeo.jobdb import resolve_job_db
+
+        if not resolve_job_db(job_db).exists():
+            raise ValueError(
+                f"The job database {str(job_db)!r} does not exist (working directory {Path.cwd()}): create it "
+                "first, e.g. with the tile-and-run deployment or `prefect-openeo init`, or pass rows as df"
+            )
+    connections: dict[str, Any] = {}
+    block_budgets: dict[str, int] = {}
+    for name, spec in backends.items():
+        if isinstance(spec, str) and spec.startswith(BLOCK_PREFIX):
+            block = load_block(spec)
+            connections[name] = block.get_connection
+            block_budgets[name] = block.parallel_jobs
+        else:
+            connections[name] = connect(spec, name)
+    slots = budgets(parallel_jobs, list(backends), block_budgets)
+    logger.info("Jobs active at once per backend: " + ", ".join(f"{n}: {s}" for n, s in slots.items()))
     manager = MultiBackendJobManager(
         poll_sleep=poll_sleep,
         root_dir=root_dir,
@@ -260,15 +380,19 @@ def run_openeo_jobs(
         cancel_running_job_after=cancel_running_job_after,
     )
     manager.global_concurrency = global_concurrency
-    for name, spec in backends.items():
-        if isinstance(spec, str) and spec.startswith(BLOCK_PREFIX):
-            block = load_block(spec)  # its parallel_jobs, unless given per backend name
-            slots = parallel_jobs.get(name, block.parallel_jobs) if isinstance(parallel_jobs, Mapping) else None
-            slots = block.parallel_jobs if slots is None else slots
-            manager.add_backend(name, connection=block.get_connection, parallel_jobs=slots)
-            continue
-        slots = parallel_jobs.get(name, 2) if isinstance(parallel_jobs, Mapping) else parallel_jobs
-        manager.add_backend(name, connection=connect(spec), parallel_jobs=slots)
-    stats = manager.run_jobs(df=df, start_job=load_callable(start_job), job_db=job_db)
+    for name, connection in connections.items():
+        manager.add_backend(name, connection=connection, parallel_jobs=slots[name])
+    if isinstance(start_job, JobCreatorSpec):  # a validated spec (e.g. from tile_and_run)
+        start_job = start_job.model_dump(exclude_none=True)
+    callback = load_callable(start_job)
+    with sole_run(job_db) as alone:
+        if not alone:
+            message = (
+                f"Another flow run is working on the job database {job_db} (lock file {job_db}.lock): "
+                "this run leaves it to that one and ends"
+            )
+            logger.warning(message)
+            return Cancelled(message=message)
+        stats = manager.run_jobs(df=df, start_job=callback, job_db=job_db)
     logger.info(f"Run stats: {dict(stats)}")
     return dict(stats)

@@ -32,14 +32,16 @@ def flow_run_records(flow_run_id):
     return task_runs, artifacts
 
 
-def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_factory, tmp_path):
+def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_factory, tmp_path, monkeypatch):
     from prefect_openeo.flows import run_openeo_jobs
+
+    monkeypatch.setenv("SIM_B_PASSWORD", "password")  # secrets are named in parameters, never given
 
     sim_a = openeo_simulator_factory("a", failure_rate=0.3, seed=7)
     sim_b = openeo_simulator_factory("b", failure_rate=0.3, seed=7)
     state = run_openeo_jobs(
         job_db=str(tmp_path / "jobs.csv"),
-        backends={"a": sim_a.url, "b": {"url": sim_b.url, "username": "user", "password": "password"}},
+        backends={"a": sim_a.url, "b": {"url": sim_b.url, "username": "user", "password": {"env": "SIM_B_PASSWORD"}}},
         start_job=ndvi_job,
         parallel_jobs={"a": 3, "b": 2},
         poll_sleep=0.2,
