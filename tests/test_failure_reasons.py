@@ -89,7 +89,7 @@ def test_a_backend_down_at_the_start_does_not_stop_the_others(openeo_simulator, 
     """The down backend waits in its lane (its connection attempts take their time there) while the other works."""
     down = _closed_port()
     manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path / "root")
-    manager.add_backend("down", connection=lambda: openeo.connect(down), parallel_jobs=2)
+    manager.add_backend("down", connection=lambda: openeo.connect(down, retry=False), parallel_jobs=2)
     manager.add_backend("sim", connection=openeo.connect(openeo_simulator.url), parallel_jobs=2)
     with caplog.at_level(logging.WARNING, logger="prefect_openeo"):
         stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(4), start_job=ndvi_job)
@@ -106,7 +106,7 @@ def test_giving_up_on_a_backend_ends_the_run_with_a_clear_error(openeo_simulator
     df = tiles_df(3)
     df["backend_name"] = [None, "down", None]  # row 1 is pinned to the backend that is down
     manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path / "root", give_up_after=1.0)
-    manager.add_backend("down", connection=lambda: openeo.connect(down), parallel_jobs=2)
+    manager.add_backend("down", connection=lambda: openeo.connect(down, retry=False), parallel_jobs=2)
     manager.add_backend("sim", connection=openeo.connect(openeo_simulator.url), parallel_jobs=2)
     with pytest.raises(BackendsGaveOut, match="Gave up on backend\\(s\\) down: .* 1 row\\(s\\) are left"):
         manager.run_jobs(job_db=tmp_path / "jobs.csv", df=df, start_job=ndvi_job)
