@@ -228,15 +228,15 @@ class JobEngine:
             raise RuntimeError("No backends registered")
         self._check_backend_names()
         self._check_backends()
-        self._budgets = self.rows.prepare_run(self._budgets)
-        elsewhere = self.rows.pending_downloads() - self.rows.pending_downloads(list(self.backends))
-        if elsewhere:
-            _log.warning(
-                f"{elsewhere} finished row(s) owe result downloads from backends not registered in this run: "
-                "they stay pending (register their backends to download them)"
-            )
-        self._reconcile_unplanned()
         try:
+            self._budgets = self.rows.prepare_run(self._budgets)
+            elsewhere = self.rows.pending_downloads() - self.rows.pending_downloads(list(self.backends))
+            if elsewhere:
+                _log.warning(
+                    f"{elsewhere} finished row(s) owe result downloads from backends not registered in this run: "
+                    "they stay pending (register their backends to download them)"
+                )
+            self._reconcile_unplanned()
             while not self.should_stop() and self.has_work():
                 self.iteration()
                 self._stop_if_start_job_keeps_failing()

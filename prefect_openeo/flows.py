@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import importlib.machinery
@@ -11,7 +10,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
@@ -24,6 +23,7 @@ from prefect.states import Cancelled
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
+from prefect_openeo.jobdb.local import JobDatabaseBusy
 from prefect_openeo.manager import MultiBackendJobManager
 from prefect_openeo.parameters import (
     BLOCK_PREFIX,
@@ -226,38 +226,6 @@ def _where_it_failed(error: Exception) -> str:
     return f"{where}{type(error).__name__}: {error}"
 
 
-#: Job databases that only one flow run may work on at a time (SQL ones are shared by design: row claims).
-FILE_JOB_DB_SUFFIXES = (".csv", ".parquet", ".geoparquet")
-
-
-@contextlib.contextmanager
-def sole_run(job_db: Any) -> Iterator[bool]:
-    """Hold ``<file>.lock`` beside a CSV/Parquet job database exclusively while a run works on it (two runs on
-    one file would both create jobs for the same rows); yields False when another process holds it. The
-    operating system lets go of it when the process ends, however it ends."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        fcntl = None
-    path = Path(job_db) if isinstance(job_db, (str, Path)) and "://" not in str(job_db) else None
-    if fcntl is None or path is None or path.suffix.lower() not in FILE_JOB_DB_SUFFIXES:
-        yield True
-        return
-    lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
-        except BlockingIOError:
-            held = False
-        try:
-            yield held
-        finally:
-            if held:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _described(value: Any) -> bool:
     """A live object's description, as ``describe`` stores it (not something to connect to)."""
     return isinstance(value, str) and value.startswith("<") and value.endswith(">")
@@ -385,14 +353,10 @@ def run_openeo_jobs(
     if isinstance(start_job, JobCreatorSpec):  # a validated spec (e.g. from tile_and_run)
         start_job = start_job.model_dump(exclude_none=True)
     callback = load_callable(start_job)
-    with sole_run(job_db) as alone:
-        if not alone:
-            message = (
-                f"Another flow run is working on the job database {job_db} (lock file {job_db}.lock): "
-                "this run leaves it to that one and ends"
-            )
-            logger.warning(message)
-            return Cancelled(message=message)
+    try:
         stats = manager.run_jobs(df=df, start_job=callback, job_db=job_db)
+    except JobDatabaseBusy as e:  # another run works on this CSV/Parquet job database: leave it to that one
+        logger.warning(f"{e}: this run leaves it to that one and ends")
+        return Cancelled(message=f"{e}: this run leaves it to that one and ends")
     logger.info(f"Run stats: {dict(stats)}")
     return dict(stats)

@@ -198,7 +198,7 @@ def test_readme_deployment_steps_with_the_real_cli_server_and_worker(openeo_simu
                 overlap = flow_run_id(ok(readme_command(f"prefect deployment run {RESUME}") + overrides, env))
                 flow_run = wait_final(client, overlap, worker_log)
                 assert flow_run.state.is_cancelled(), (flow_run.state, worker_log.read_text()[-4000:])
-                assert "Another flow run is working on the job database" in flow_run.state.message
+                assert "Another run is working on the job database" in flow_run.state.message
                 assert client.read_flow_run(first).state.is_running()
 
                 # tile-and-run is cancelled while its jobs run on the backend (as if it had died) ...

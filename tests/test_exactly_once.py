@@ -490,3 +490,26 @@ def test_resume_requests_do_not_depend_on_rows_that_ended_earlier(openeo_simulat
     assert stats["job finished"] == n_active and stats["job download"] == n_active
     assert spent["GET /jobs/{job_id}"] <= n_active and spent["GET /jobs/{job_id}/results"] == n_active
     assert sum(spent.values()) < 20 * n_active
+
+
+def test_one_run_at_a_time_on_a_local_file_job_database(openeo_simulator, tmp_path):
+    """Two runs on one CSV file would create jobs for the same rows: the second is refused, saying who holds it."""
+    from prefect_openeo.jobdb.local import JobDatabaseBusy
+
+    openeo_simulator.config.run_duration = 2.0
+    db_path = tmp_path / "jobs.csv"
+    create_job_db(db_path, tiles_df(2))
+    first = manager_for(openeo_simulator, root_dir=tmp_path / "root")
+    first.start_job_thread(start_job=ndvi_job, job_db=db_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "jobs.csv.lock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(JobDatabaseBusy, match=f"pid {os.getpid()}"):
+            manager_for(openeo_simulator, root_dir=tmp_path / "root").run_jobs(job_db=db_path, start_job=ndvi_job)
+    finally:
+        first.stop_job_thread(timeout_seconds=10)
+    assert openeo_simulator.created_count() == 2
+    stats = manager_for(openeo_simulator, root_dir=tmp_path / "root").run_jobs(job_db=db_path, start_job=ndvi_job)
+    assert stats["job finished"] + stats.get("job adopted", 0) >= 1  # the lock went with the first run
+    assert set(pd.read_csv(db_path)["status"]) == {"finished"} and openeo_simulator.created_count() == 2

@@ -8,13 +8,17 @@ recorded in the rows, before the action they describe, so a rerun knows exactly 
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import pandas as pd
 from openeo.extra.job_management import JobDatabaseInterface
 
 from prefect_openeo.frames import blank, column, set_cell
+from prefect_openeo.jobdb.files import JobDatabaseError
 from prefect_openeo.placement import assign_rows, free_slots, new_token
 from prefect_openeo.states import ACTIVE, PENDING
 
@@ -33,17 +37,51 @@ def owed_results_mask(df: pd.DataFrame, state: str = "pending") -> pd.Series:
     return (df["status"] == "finished") & (column(df, RESULTS_COLUMN) == state)
 
 
+class JobDatabaseBusy(JobDatabaseError):
+    """Another run works on this job database (a CSV/Parquet file is worked by one run at a time)."""
+
+
+def _lock(path: Path) -> IO | None:
+    """Hold ``<file>.lock`` beside a local job database file exclusively (the operating system lets go of it
+    when the process ends, however it ends); raise ``JobDatabaseBusy`` when another process holds it. None
+    where there are no such locks (not POSIX)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = lock.open("a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise JobDatabaseBusy(
+            f"Another run is working on the job database {str(path)!r} ({holder}; lock file {lock.name})"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
+
+
 class LocalRows:
-    """Row claims on a job database worked by this run alone."""
+    """Row claims on a job database worked by this run alone (a local file is locked for the run)."""
 
     shared = False
 
     def __init__(self, job_db: JobDatabaseInterface):
         self.job_db = job_db
         self.budgets: dict[str, int] = {}
+        self._lock: IO | None = None
 
     def prepare_run(self, budgets: Mapping[str, int]) -> dict[str, int]:
-        """Give failed downloads another go; the budgets are this run's own."""
+        """Take the run's lock on a local file; give failed downloads another go; the budgets are this run's."""
+        path = getattr(self.job_db, "path", None)
+        if isinstance(path, Path) and self._lock is None:  # two runs on one file would create the same rows' jobs
+            self._lock = _lock(path)
         self.budgets = dict(budgets)
         finished = self.job_db.get_by_status(statuses=["finished"])
         failed = finished[owed_results_mask(finished, "failed")].copy()
@@ -109,4 +147,7 @@ class LocalRows:
         return int(owed.sum())
 
     def release(self, keep: Iterable[Any] = ()) -> None:
-        """Nothing is held beyond the run."""
+        """Let go of the run's lock on the file."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
