@@ -148,10 +148,14 @@ class AtomicCsvJobDatabase(_AtomicMixin, CsvJobDatabase):
     """openeo's ``CsvJobDatabase``, persisted atomically (see the module docstring for the differences)."""
 
     def _read_file(self) -> pd.DataFrame:
+        return self._parse(self.path)
+
+    def _parse(self, path: Path) -> pd.DataFrame:
+        """openeo's reading of the CSV file at ``path``; errors name this job database."""
         try:
-            return CsvJobDatabase.read(self)
+            return CsvJobDatabase(path).read()
         except ValueError as e:
-            problem = _unparsable_number(self.path)
+            problem = _unparsable_number(path)
             if problem:
                 raise JobDatabaseError(f"Job database {str(self.path)!r}: {problem}") from e
             raise
@@ -164,7 +168,11 @@ class AtomicParquetJobDatabase(_AtomicMixin, ParquetJobDatabase):
     """openeo's ``ParquetJobDatabase``, persisted atomically (see the module docstring for the differences)."""
 
     def _read_file(self) -> pd.DataFrame:
-        return ParquetJobDatabase.read(self)
+        return self._parse(self.path)
+
+    def _parse(self, path: Path) -> pd.DataFrame:
+        """openeo's reading of the Parquet/GeoParquet file at ``path``."""
+        return ParquetJobDatabase(path).read()
 
     def _write(self, df: pd.DataFrame, tmp: Path) -> None:
         df.to_parquet(tmp, index=False)
