@@ -1,4 +1,5 @@
-"""Job databases: openeo's ``JobDatabaseInterface``, with crash-safe CSV and Parquet files."""
+"""Job databases: openeo's ``JobDatabaseInterface``, with crash-safe CSV and Parquet files (local or in object
+storage)."""
 
 from prefect_openeo.jobdb.files import (
     AtomicCsvJobDatabase,
@@ -8,11 +9,21 @@ from prefect_openeo.jobdb.files import (
     get_job_db,
     resolve_job_db,
 )
+from prefect_openeo.jobdb.remote import (
+    JobDatabaseConflict,
+    JobDatabaseCreated,
+    RemoteCsvJobDatabase,
+    RemoteParquetJobDatabase,
+)
 
 __all__ = [
     "AtomicCsvJobDatabase",
     "AtomicParquetJobDatabase",
+    "JobDatabaseConflict",
+    "JobDatabaseCreated",
     "JobDatabaseError",
+    "RemoteCsvJobDatabase",
+    "RemoteParquetJobDatabase",
     "SqlJobDatabase",
     "create_job_db",
     "get_job_db",

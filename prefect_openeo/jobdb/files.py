@@ -21,8 +21,9 @@ opens a job database to run it. Deliberate differences from openeo's classes:
   merge skips empty values, so a cleared job id would stay).
 - The class names differ, so ``repr`` reads ``AtomicCsvJobDatabase('jobs.csv')``.
 
-``get_job_db``/``create_job_db`` return these classes, and also SQL job databases for ``.db``/``.sqlite``
-paths and SQLAlchemy URLs.
+``get_job_db``/``create_job_db`` return these classes, SQL job databases for ``.db``/``.sqlite`` paths and
+SQLAlchemy URLs, and for object-storage URLs (``s3://bucket/prefix/jobs.parquet``) the same classes with the file
+in object storage (``remote.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import pandas as pd
 from openeo.extra.job_management import (
@@ -148,10 +151,14 @@ class AtomicCsvJobDatabase(_AtomicMixin, CsvJobDatabase):
     """openeo's ``CsvJobDatabase``, persisted atomically (see the module docstring for the differences)."""
 
     def _read_file(self) -> pd.DataFrame:
+        return self._parse(self.path)
+
+    def _parse(self, path: Path) -> pd.DataFrame:
+        """openeo's reading of the CSV file at ``path``; errors name this job database."""
         try:
-            return CsvJobDatabase.read(self)
+            return CsvJobDatabase(path).read()
         except ValueError as e:
-            problem = _unparsable_number(self.path)
+            problem = _unparsable_number(path)
             if problem:
                 raise JobDatabaseError(f"Job database {str(self.path)!r}: {problem}") from e
             raise
@@ -164,7 +171,11 @@ class AtomicParquetJobDatabase(_AtomicMixin, ParquetJobDatabase):
     """openeo's ``ParquetJobDatabase``, persisted atomically (see the module docstring for the differences)."""
 
     def _read_file(self) -> pd.DataFrame:
-        return ParquetJobDatabase.read(self)
+        return self._parse(self.path)
+
+    def _parse(self, path: Path) -> pd.DataFrame:
+        """openeo's reading of the Parquet/GeoParquet file at ``path``."""
+        return ParquetJobDatabase(path).read()
 
     def _write(self, df: pd.DataFrame, tmp: Path) -> None:
         df.to_parquet(tmp, index=False)
@@ -285,13 +296,37 @@ _UPGRADES = {CsvJobDatabase: AtomicCsvJobDatabase, ParquetJobDatabase: AtomicPar
 
 SQL_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
+#: What ``get_job_db`` accepts, for its error messages.
+ACCEPTED = (
+    "a local .csv, .parquet, .geoparquet or .db/.sqlite path; file:///path/jobs.csv; a .csv/.parquet/.geoparquet "
+    "file in object storage (s3://bucket/prefix/jobs.parquet, gs://, az://, memory://); or an SQLAlchemy URL "
+    "(sqlite:///jobs.db, postgresql+psycopg://user@host/db)"
+)
 
-def get_job_db(path: str | Path) -> JobDatabaseInterface:
-    """Like openeo's ``get_job_db``, returning the atomic flavours (``.csv``, ``.parquet``, ``.geoparquet``)."""
+
+def get_job_db(path: str | Path, *, storage_options: Any = None) -> JobDatabaseInterface:
+    """Like openeo's ``get_job_db``, returning the atomic flavours (``.csv``, ``.parquet``, ``.geoparquet``).
+
+    URLs are routed by scheme: an SQLAlchemy URL (``dialect[+driver]://``) is a SQL job database; an
+    object-storage URL (``s3://``, ``gs://``, ``az://``, ``memory://``) of a CSV/Parquet file is the file in object
+    storage (``prefect_openeo.jobdb.remote``), with ``storage_options`` (fsspec options or a prefect-aws
+    ``AwsCredentials``/``MinIOCredentials`` block); ``file://`` is a local path. Any other URL is a
+    ``JobDatabaseError`` that names it and what is accepted.
+    """
     if isinstance(path, str) and "://" in path:
-        from prefect_openeo.jobdb.sql import SqlJobDatabase
+        return _from_url(path, storage_options)
+    text = str(path)
+    from prefect_openeo.storage import _MANGLED_URL, SCHEMES
 
-        return SqlJobDatabase(path)
+    mangled = _MANGLED_URL.match(text)
+    if mangled and mangled.group(1).lower() in (*SCHEMES, "file"):
+        scheme = mangled.group(1)
+        raise JobDatabaseError(
+            f"Job database {text!r} looks like a URL whose '//' was lost (pathlib.Path collapses it): "
+            f"pass it as a string, e.g. {scheme}://{text[len(scheme) + 2 :]}"
+        )
+    if storage_options is not None:
+        raise JobDatabaseError(f"storage_options given for the local job database {text!r}: they are for URLs")
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SQL_SUFFIXES:
@@ -303,14 +338,55 @@ def get_job_db(path: str | Path) -> JobDatabaseInterface:
     if suffix in (".parquet", ".geoparquet"):
         return AtomicParquetJobDatabase(path)
     raise JobDatabaseError(
-        f"Could not guess job database type from {str(path)!r} "
-        "(use .csv, .parquet, .geoparquet, .db/.sqlite, or an SQLAlchemy URL such as postgresql+psycopg://...)"
+        f"Could not guess job database type from {str(path)!r} (use .csv, .parquet, .geoparquet, .db/.sqlite, "
+        "or an SQLAlchemy URL such as postgresql+psycopg://..., or a .csv/.parquet/.geoparquet file in object "
+        "storage such as s3://bucket/prefix/jobs.parquet)"
     )
 
 
-def create_job_db(path: str | Path, df: pd.DataFrame, *, on_exists: str = "error") -> JobDatabaseInterface:
-    """Like openeo's ``create_job_db``, returning the atomic flavours."""
-    job_db = get_job_db(path)
+def _from_url(url: str, storage_options: Any) -> JobDatabaseInterface:
+    """The job database at a URL, by its scheme (see ``get_job_db``)."""
+    from prefect_openeo.storage import SCHEMES
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise JobDatabaseError(f"Job database {url!r}: a file:// URL names a local path (file:///path/jobs.csv)")
+        return get_job_db(Path(url2pathname(parts.path)), storage_options=storage_options)
+    if scheme in SCHEMES:
+        from prefect_openeo.jobdb.remote import open_remote_job_db
+
+        return open_remote_job_db(url, storage_options)
+    if _is_sqlalchemy_url(url):
+        if storage_options is not None:
+            raise JobDatabaseError(f"storage_options given for the SQL job database {url!r}: they are for files")
+        from prefect_openeo.jobdb.sql import SqlJobDatabase
+
+        return SqlJobDatabase(url)
+    raise JobDatabaseError(
+        f"Job database {url!r}: {scheme!r} is neither an SQLAlchemy dialect nor an object store. Use {ACCEPTED}"
+    )
+
+
+def _is_sqlalchemy_url(url: str) -> bool:
+    """Whether ``url``'s scheme names an SQLAlchemy dialect (``dialect[+driver]``), installed or built in."""
+    import sqlalchemy as sa
+
+    try:
+        sa.engine.make_url(url).get_dialect()
+    except sa.exc.ArgumentError:  # not a URL, or no such dialect (NoSuchModuleError)
+        return False
+    except Exception:  # a dialect that exists but fails to load: SqlJobDatabase says why
+        return True
+    return True
+
+
+def create_job_db(
+    path: str | Path, df: pd.DataFrame, *, on_exists: str = "error", storage_options: Any = None
+) -> JobDatabaseInterface:
+    """Like openeo's ``create_job_db``, returning the atomic flavours (``storage_options``: see ``get_job_db``)."""
+    job_db = get_job_db(path, storage_options=storage_options)
     job_db.initialize_from_df(df=df, on_exists=on_exists)
     return job_db
 
