@@ -24,6 +24,7 @@ from openeo import BatchJob, Connection
 from openeo.extra.job_management import JobDatabaseInterface
 from openeo.extra.job_management._manager import MultiBackendJobManager as _UpstreamManager
 
+from prefect_openeo import catalog
 from prefect_openeo.backends import Backend
 from prefect_openeo.downloads import DownloadReport
 from prefect_openeo.engine import JobEngine, Observer, RunSettings, SlotGate, cancel_after
@@ -141,7 +142,9 @@ class MultiBackendJobManager:
             raise TypeError(f"start_job must be callable (a function or a ProcessBasedJobCreator), got {start_job!r}")
         job_db = self._prepare(df, job_db, kwargs)
         self.stats = collections.defaultdict(int)
-        return self._engine(job_db, start_job).run()
+        stats = self._engine(job_db, start_job).run()
+        self._update_catalog(job_db)
+        return stats
 
     def _prepare(self, df: pd.DataFrame | None, job_db: Any, kwargs: dict) -> JobDatabaseInterface:
         if "output_file" in kwargs:
@@ -215,6 +218,8 @@ class MultiBackendJobManager:
                 engine.run()
             except Exception:
                 _log.exception("Job manager thread stopped with an error")
+            else:
+                self._update_catalog(job_db)
 
         self._thread = threading.Thread(target=run_loop, name="prefect-openeo-job-manager", daemon=True)
         self._thread.start()
@@ -285,7 +290,24 @@ class MultiBackendJobManager:
         with self._stats_lock:
             self.stats["job download"] += 1
             self.stats["files downloaded"] += report.assets
+        if not self._overrides("get_job_dir"):
+            try:  # the results are safe: a missing item is written by the run's end or `prefect-openeo catalog`
+                catalog.write_item(self.result_store, job.job_id, row)
+            except Exception as e:
+                _log.warning(f"Job {job.job_id}: results downloaded, but not its STAC item: {e!r}")
         return report
+
+    def _update_catalog(self, job_db: JobDatabaseInterface) -> None:
+        """Rewrite the STAC collection of the downloaded results (``prefect_openeo.catalog``); never fails."""
+        if not self._download_results or self._overrides("get_job_dir"):
+            return
+        try:
+            report = catalog.update_catalog(self.result_store, job_db)
+            _log.info(f"STAC collection of {report.items} job(s) at {report.location}")
+        except catalog.NothingToCatalog:
+            pass
+        except Exception as e:
+            _log.warning(f"Could not update the STAC collection of the results: {e!r} (`prefect-openeo catalog`)")
 
     def fetch_results(
         self,
@@ -337,6 +359,7 @@ class MultiBackendJobManager:
                     record(running.pop(future), future)
             for future in concurrent.futures.as_completed(list(running)):
                 record(running.pop(future), future)
+        self._update_catalog(job_db)
         return dict(outcomes)
 
     def on_job_done(self, job: BatchJob, row: pd.Series) -> None:
