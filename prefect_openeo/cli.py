@@ -551,5 +551,36 @@ def simulate(
     serve(port, config)
 
 
+@app.command()
+def catalog(
+    job_db: str = typer.Argument(..., help="Job database (path or SQLAlchemy URL)."),
+    root_dir: str = typer.Option(
+        ".", "--root-dir", help="Where the results are (job_{id}/): a folder, or a URL such as s3://bucket/prefix."
+    ),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rewrite every item, not only the missing ones."),
+) -> None:
+    """Write or refresh the STAC collection of the downloaded results: ROOT/collection.json, an item per row."""
+    from prefect_openeo.catalog import CatalogError, update_catalog
+    from prefect_openeo.jobdb import JobDatabaseError
+    from prefect_openeo.storage import LocalStore, ResultStore, StorageError
+
+    db = _open_db(job_db)
+    try:
+        store = ResultStore.from_root(root_dir)
+    except (StorageError, TypeError) as e:
+        raise _fail(str(e)) from e
+    if isinstance(store, LocalStore) and not store.root.is_dir():
+        raise _fail(f"results folder {root_dir!r} does not exist (give the run's --root-dir)")
+    try:
+        report = update_catalog(store, db, rebuild=rebuild)
+    except (CatalogError, JobDatabaseError, StorageError) as e:
+        raise _fail(str(e)) from e
+    except Exception as e:
+        raise _fail(f"could not write the STAC collection under {root_dir!r}: {e!r}", EXIT_RUN_FAILED) from e
+    for index, job_id in report.missing[:20]:
+        console.print(f"[yellow]warning:[/] row {index} is recorded with results, but job {job_id} has none there")
+    console.print(f"STAC collection: [bold]{report.location}[/] ({report.items} item(s), {report.written} written now)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
