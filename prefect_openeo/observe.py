@@ -25,6 +25,7 @@ from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
 
+from prefect_openeo.catalog import catalog_url
 from prefect_openeo.engine import Observer
 from prefect_openeo.report import usage_number
 from prefect_openeo.states import ALL, TERMINAL
@@ -245,7 +246,7 @@ def summary_markdown(manager: MultiBackendJobManager, df: pd.DataFrame, stats: d
         lines += [f"- row {index}: {message}" for index, message in list(problems.items())[:SUMMARY_LINK_LIMIT]]
     finished = df[df["status"] == "finished"] if not df.empty else df
     if manager._download_results and not finished.empty:
-        lines += ["", "## Results", ""]
+        lines += ["", "## Results", "", f"STAC collection: [collection.json]({catalog_url(manager.result_store)})", ""]
         for index, row in finished.head(SUMMARY_LINK_LIMIT).iterrows():
             job_dir = manager.get_job_dir(row["id"])  # a Path, or a URL on object storage
             link = job_dir.resolve().as_uri() if isinstance(job_dir, Path) else job_dir
