@@ -290,7 +290,7 @@ class MultiBackendJobManager:
         with self._stats_lock:
             self.stats["job download"] += 1
             self.stats["files downloaded"] += report.assets
-        if not self._overrides("get_job_dir"):
+        if self.stac_catalog and not self._overrides("get_job_dir"):
             try:  # the results are safe: a missing item is written by the run's end or `prefect-openeo catalog`
                 catalog.write_item(self.result_store, job.job_id, row)
             except Exception as e:
@@ -299,7 +299,7 @@ class MultiBackendJobManager:
 
     def _update_catalog(self, job_db: JobDatabaseInterface) -> None:
         """Rewrite the STAC collection of the downloaded results (``prefect_openeo.catalog``); never fails."""
-        if not self._download_results or self._overrides("get_job_dir"):
+        if not (self.stac_catalog and self._download_results) or self._overrides("get_job_dir"):
             return
         try:
             report = catalog.update_catalog(self.result_store, job_db)
@@ -381,6 +381,9 @@ class MultiBackendJobManager:
     #: Inside a flow run: hold each backend's slots in the Prefect global concurrency limit
     #: ``openeo-<backend>`` too, so several flow runs together stay within it (see ``prefect_openeo.limits``).
     global_concurrency: bool = False
+    #: Keep a STAC catalogue of the downloaded results beside them (``prefect_openeo.catalog``): an item per job
+    #: (``job_{id}/stac-item.json``) and ``collection.json``. False: exactly openeo's layout.
+    stac_catalog: bool = True
 
     # -- paths ------------------------------------------------------------------------------------
     def get_job_dir(self, job_id: str) -> Path | str:

@@ -187,6 +187,16 @@ def test_a_run_writes_a_valid_collection_beside_local_results(openeo_simulator, 
     assert all(str(moved) in a.get_absolute_href() for i in moved_items for a in i.assets.values())
 
 
+def test_stac_catalog_false_keeps_exactly_openeos_layout(openeo_simulator, tmp_path):
+    manager = manager_for(openeo_simulator, root_dir=tmp_path / "results")
+    manager.stac_catalog = False
+    manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(2), start_job=ndvi_job)
+    job_ids = pd.read_csv(tmp_path / "jobs.csv")["id"]
+    files = {p.relative_to(tmp_path / "results").as_posix() for p in (tmp_path / "results").rglob("*")}
+    expected = {f"job_{i}/{name}" for i in job_ids for name in ("job-results.json", f"job_{i}.json", "openEO.tif")}
+    assert files == expected | {f"job_{i}" for i in job_ids}
+
+
 def test_the_validator_used_here_rejects_what_it_should(openeo_simulator, tmp_path):
     """The offline validation is no formality: a broken item fails it."""
     db = tmp_path / "jobs.csv"
