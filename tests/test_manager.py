@@ -47,13 +47,14 @@ def test_runs_all_rows_to_finished_with_results_and_stats(openeo_simulator, tmp_
         assert stats[key] == 5, key
     assert stats["run_jobs loop"] > 0 and stats["sleep"] > 0 and stats["job_db persist"] > 0
     assert stats["job download"] == 5 and stats["files downloaded"] == 5
-    # Layout as upstream: job_{id}/ holds job-results.json, job_{id}.json and the assets, nothing else.
+    # Layout as upstream: job_{id}/ holds job-results.json, job_{id}.json and the assets, nothing else
+    # but the STAC item (prefect_openeo.catalog).
     for job_id in df["id"]:
         job_dir = root / f"job_{job_id}"
         results_doc = json.loads((job_dir / "job-results.json").read_text())
         (asset_name, asset), *_ = results_doc["assets"].items()
         assert sorted(p.name for p in job_dir.iterdir()) == sorted(
-            ["job-results.json", f"job_{job_id}.json", asset_name]
+            ["job-results.json", f"job_{job_id}.json", asset_name, "stac-item.json"]
         )
         data = (job_dir / asset_name).read_bytes()
         assert len(data) == asset["file:size"]

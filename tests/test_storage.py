@@ -102,12 +102,18 @@ def test_manager_run_publishes_results_to_s3_and_leaves_the_working_directory_em
         described = json.loads(manager.result_store.read_bytes(job_id, f"job_{job_id}.json"))
         assert described["id"] == job_id and described["status"] == "finished"
         assert results_present(manager.result_store, job_id)
-        expected += [f"runs/a/job_{job_id}/{n}" for n in [*doc["assets"], "job-results.json", f"job_{job_id}.json"]]
+        names = [*doc["assets"], "job-results.json", f"job_{job_id}.json", "stac-item.json"]
+        expected += [f"runs/a/job_{job_id}/{n}" for n in names]
+    expected.append("runs/a/collection.json")  # the STAC catalogue (prefect_openeo.catalog)
     assert keys(client, bucket) == sorted(expected)  # no probe, no temporary object, nothing twice
     assert pending_uploads(client, bucket) == []
     # Requests to the store: the write check (PUT + DELETE), then per job one listing of unfinished uploads
-    # and one PUT per file (assets smaller than a part go up in one PUT, after verification).
-    assert calls == {"PutObject": 1 + 3 * 4, "DeleteObject": 1, "ListMultipartUploads": 3}
+    # and one PUT per file (assets smaller than a part go up in one PUT, after verification). The STAC item
+    # (prefect_openeo.catalog): per job job-results.json read back (s3fs: HEAD + GET), a listing, a PUT; at the
+    # end each item read (HEAD + GET) and one PUT of collection.json.
+    catalogue = {"PutObject": 3 + 1, "GetObject": 3 + 3, "HeadObject": 3 + 3, "ListObjectsV2": 3}
+    downloads = {"PutObject": 1 + 3 * 4, "DeleteObject": 1, "ListMultipartUploads": 3}
+    assert calls == collections.Counter(downloads) + collections.Counter(catalogue)
 
 
 def test_rerun_download_overwrites_the_same_keys(openeo_simulator, s3_server, tmp_path):
