@@ -85,6 +85,7 @@ _WORLD = [-180.0, -90.0, 180.0, 90.0]
 #: Extensions whose field prefix is not their name.
 _FIELD_PREFIX = {"projection": "proj"}
 _EXTENSION_NAME = re.compile(r"stac-extensions\.github\.io/([^/]+)/")
+_NOT_THERE = "its results are not in the store"
 
 
 class CatalogError(ValueError):
@@ -105,8 +106,9 @@ class CatalogReport:
     items: int = 0
     #: Items written now (missing, unreadable, or all of them with ``rebuild``).
     written: int = 0
-    #: ``(row index, job id)`` of rows recorded done whose results the store does not hold.
-    missing: list[tuple[Any, str]] = field(default_factory=list)
+    #: ``(row index, job id, why)`` of rows recorded done that have no Item: their results are not in the
+    #: store, or their Item cannot be made (e.g. an unreadable results document).
+    left_out: list[tuple[Any, str, str]] = field(default_factory=list)
 
 
 # -- where -----------------------------------------------------------------------------------------
@@ -455,7 +457,8 @@ def update_catalog(store: ResultStore, job_db: Any, *, rebuild: bool = False, wo
 
     ``job_db`` is a ``JobDatabaseInterface``. Raises ``NothingToCatalog`` when no row is finished with its
     results downloaded, and ``CatalogError`` when the store holds none of those rows' results (a wrong root?).
-    Rows whose results are missing from the store are left out and listed in the report.
+    Rows whose results are missing from the store, or whose Item cannot be made, are left out and listed in
+    the report (``left_out``).
     """
     rows = _done_rows(job_db)
     location = catalog_location(store)
@@ -466,36 +469,41 @@ def update_catalog(store: ResultStore, job_db: Any, *, rebuild: bool = False, wo
         )
     root = _root_store(store)
 
-    def one(index: Any, row: pd.Series) -> tuple[pystac.Item | None, bool]:
+    def one(row: pd.Series) -> tuple[pystac.Item | None, bool, str]:
         job_id = str(row["id"])
         item = None if rebuild else _read_item(store, job_id)
         if item is not None:
-            return item, False
+            return item, False, ""
         try:
-            return write_item(store, job_id, row), True
+            return write_item(store, job_id, row), True, ""
         except FileNotFoundError:
-            return None, False
+            return None, False, _NOT_THERE
+        except ValueError as e:  # CatalogError, an unreadable results document, ...
+            return None, False, str(e)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [(index, row["id"], pool.submit(one, index, row)) for index, row in rows.iterrows()]
+        futures = [(index, row["id"], pool.submit(one, row)) for index, row in rows.iterrows()]
         outcomes = [(index, job_id, future.result()) for index, job_id, future in futures]
     report = CatalogReport(location=location)
     items = []
-    for index, job_id, (item, written) in outcomes:
+    for index, job_id, (item, written, why) in outcomes:
         if item is None:
-            report.missing.append((_plain(index), str(job_id)))
+            report.left_out.append((_plain(index), str(job_id), why))
         else:
             items.append(item)
             report.written += written
-    if not items:
+    if not items and all(why == _NOT_THERE for *_, why in report.left_out):
         raise CatalogError(
             f"None of the {len(rows)} row(s) recorded with downloaded results has them under {store.location} "
             f"(no {_job_folder(store, str(rows['id'].iloc[0]))}/{RESULTS_METADATA_FILENAME}): is it the right root?"
         )
+    if not items:
+        index, job_id, why = next(entry for entry in report.left_out if entry[2] != _NOT_THERE)
+        raise CatalogError(f"No STAC item could be made: row {index} (job {job_id}): {why}")
     report.items = len(items)
     # a one-folder store: the "job id" argument names no folder, the file goes to the root
     root.write_bytes(COLLECTION_ID, COLLECTION_FILENAME, _dump(build_collection(store, items)))
-    if report.missing:
-        shown = ", ".join(f"row {index} ({job_id})" for index, job_id in report.missing[:10])
-        _log.warning(f"{len(report.missing)} row(s) recorded with downloaded results lack them in the store: {shown}")
+    if report.left_out:
+        shown = "; ".join(f"row {index} (job {job_id}): {why}" for index, job_id, why in report.left_out[:10])
+        _log.warning(f"{len(report.left_out)} row(s) recorded with downloaded results have no STAC item: {shown}")
     return report

@@ -577,8 +577,8 @@ def catalog(
         raise _fail(str(e)) from e
     except Exception as e:
         raise _fail(f"could not write the STAC collection under {root_dir!r}: {e!r}", EXIT_RUN_FAILED) from e
-    for index, job_id in report.missing[:20]:
-        console.print(f"[yellow]warning:[/] row {index} is recorded with results, but job {job_id} has none there")
+    for index, job_id, why in report.left_out[:20]:
+        console.print(f"[yellow]warning:[/] row {index} (job {job_id}) is recorded with results but left out: {why}")
     console.print(f"STAC collection: [bold]{report.location}[/] ({report.items} item(s), {report.written} written now)")
 
 

@@ -316,7 +316,7 @@ def test_missing_or_unreadable_items_of_done_rows_are_written_again(openeo_simul
     first.unlink()  # died between the download and the item's write
     second.write_text('{"type": "Feature", "id"')  # not an item (the store's writes are atomic: hand-edited)
     report = update_catalog(ResultStore.from_root(root), get_job_db(db))
-    assert (report.items, report.written, report.missing) == (3, 2, [])
+    assert (report.items, report.written, report.left_out) == (3, 2, [])
     _, items = read_catalog(str(root / COLLECTION_FILENAME))
     assert len(items) == 3 and third.read_bytes() == kept
     # --rebuild rewrites them all, from the same inputs: the same items
@@ -327,17 +327,23 @@ def test_missing_or_unreadable_items_of_done_rows_are_written_again(openeo_simul
 
 def test_rows_are_catalogued_only_once_recorded_done(openeo_simulator, tmp_path):
     """The job database decides: a row whose download is not recorded done is not linked (its next download
-    writes its item again), and a done row whose results left the store is reported, not linked."""
+    writes its item again); a done row whose results left the store, or whose item cannot be made, is
+    reported and left out, and the others are catalogued."""
     db = tmp_path / "jobs.csv"
     root = tmp_path / "results"
-    manager_for(openeo_simulator, root_dir=root).run_jobs(job_db=db, df=tiles_df(3), start_job=ndvi_job)
+    manager_for(openeo_simulator, root_dir=root).run_jobs(job_db=db, df=tiles_df(4), start_job=ndvi_job)
     df = pd.read_csv(db)
     df.loc[0, "results"] = "pending"
     df.to_csv(db, index=False)
     shutil.rmtree(root / f"job_{df.loc[1, 'id']}")
+    broken = root / f"job_{df.loc[3, 'id']}"
+    (broken / ITEM_FILENAME).unlink()
+    (broken / "job-results.json").write_text("<html>not JSON</html>")
     result = invoke("catalog", db, "--root-dir", root)
     assert result.exit_code == 0, result.output
-    assert f"row 1 is recorded with results, but job {df.loc[1, 'id']} has none there" in result.output
+    output = " ".join(result.output.split())
+    assert f"row 1 (job {df.loc[1, 'id']}) is recorded with results but left out: its results are not in" in output
+    assert f"row 3 (job {df.loc[3, 'id']}) is recorded with results but left out: Expecting value" in output
     collection, items = read_catalog(str(root / COLLECTION_FILENAME))
     assert [item.id for item in items] == [df.loc[2, "id"]]
 
