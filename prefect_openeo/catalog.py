@@ -211,7 +211,10 @@ def _geometry(value: Any) -> BaseGeometry | None:
         return shape(value)
     if isinstance(value, str):
         text = value.strip()
-        return shapely.from_geojson(text) if text.startswith("{") else shapely.from_wkt(text)
+        try:
+            return shapely.from_geojson(text) if text.startswith("{") else shapely.from_wkt(text)
+        except shapely.errors.ShapelyError as e:
+            raise ValueError(f"geometry {text[:40]!r} is neither WKT nor GeoJSON: {e}") from e
     raise ValueError(f"not a geometry: {type(value).__name__}")
 
 

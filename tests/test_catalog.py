@@ -416,6 +416,8 @@ def test_row_footprints():
     assert row_footprint(pd.Series({"geometry": json.dumps(tile.__geo_interface__)})).equals(tile)
     assert row_footprint(pd.Series({"west": 5.0, "south": 51.0, "east": 5.1, "north": 51.1})).equals(tile)
     assert row_footprint(pd.Series({"west": 5.0})) is None
+    with pytest.raises(ValueError, match="neither WKT nor GeoJSON"):
+        row_footprint(pd.Series({"geometry": "POLYGON ((5 51, 5.1"}))
     with pytest.raises(ValueError, match="not longitude/latitude"):
         row_footprint(pd.Series({"geometry": box(556597, 6621293, 567729, 6639001)}))  # EPSG:3857 metres
 
