@@ -210,7 +210,9 @@ class Backend:
         self._limited_until = 0.0
         self._checked = False
         self._connecting = threading.Lock()
-        #: Durations (creation to end, seconds) of the last jobs seen ending here, and the last sweep's time.
+        #: Seconds from creation to first seen running, and to the end, of the last jobs seen here; the last
+        #: sweep's time.
+        self._to_running: collections.deque[float] = collections.deque(maxlen=20)
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
         self._last_sweep = 0.0
 
@@ -271,20 +273,28 @@ class Backend:
         limit = self.limit()
         return self.parallel_jobs if limit is None else min(self.parallel_jobs, limit)
 
+    def note_running(self, seconds: float) -> None:
+        """A job of this backend was first seen running ``seconds`` after it was created."""
+        self._to_running.append(max(0.0, seconds))
+
     def note_end(self, seconds: float) -> None:
         """A job of this backend ended ``seconds`` after it was created."""
         self._durations.append(max(0.0, seconds))
 
-    def sweep_due(self, created: Iterable[float | None], now: float) -> bool:
-        """Whether jobs created at ``created`` (epoch seconds; None: unknown) may have changed by ``now``.
+    def sweep_due(self, jobs: Iterable[tuple[float | None, str]], now: float) -> bool:
+        """Whether any of ``jobs`` (creation time in epoch seconds or None, status) may have changed by ``now``.
 
-        Until a job has been seen ending, always. Then a job is due from ``DUE_FRACTION`` of the shortest
-        duration seen; and the jobs are swept at least every ``MAX_SWEEP_GAP`` seconds whatever.
+        A waiting job may start running, a running one may end: each is due from ``DUE_FRACTION`` of the
+        shortest such time seen on this backend (always, until one was seen); and the jobs are swept at
+        least every ``MAX_SWEEP_GAP`` seconds whatever.
         """
-        if not self._durations or now - self._last_sweep >= MAX_SWEEP_GAP:
+        if now - self._last_sweep >= MAX_SWEEP_GAP:
             return True
-        earliest = DUE_FRACTION * min(self._durations)
-        return any(t is None or now - t >= earliest for t in created)
+        for created, status in jobs:
+            seen = self._durations if status == "running" else self._to_running
+            if created is None or not seen or now - created >= DUE_FRACTION * min(seen):
+                return True
+        return False
 
     def note_sweep(self, now: float) -> None:
         self._last_sweep = now

@@ -296,7 +296,7 @@ class BackendWork:
         rows = self.rows
         if any(rows.at[i, "status"] in ("created", "queued_for_start") for i in indices):
             return True
-        return self.backend.sweep_due([_epoch(rows.at[i, "start_time"]) for i in indices], now)
+        return self.backend.sweep_due([(_epoch(rows.at[i, "start_time"]), rows.at[i, "status"]) for i in indices], now)
 
     def _apply_report(self, index: Any, report: JobReport) -> None:
         rows, stats = self.rows, self.result.stats
@@ -311,6 +311,8 @@ class BackendWork:
             self.result.events.append((event, index))
             if event is Event.STARTED_RUNNING:
                 set_cell(rows, index, "running_start_time", rfc3339.now_utc())
+                if (created := _epoch(rows.at[index, "start_time"])) is not None:
+                    self.backend.note_running(time.time() - created)
         if transition.status == "running" and blank(rows.at[index, "running_start_time"]):
             _log.warning(f"Unknown 'running_start_time' for running job {rows.at[index, 'id']}: using now.")
             set_cell(rows, index, "running_start_time", rfc3339.now_utc())

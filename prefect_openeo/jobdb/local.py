@@ -44,27 +44,43 @@ class JobDatabaseBusy(JobDatabaseError):
 def _lock(path: Path) -> IO | None:
     """Hold ``<file>.lock`` beside a local job database file exclusively (the operating system lets go of it
     when the process ends, however it ends); raise ``JobDatabaseBusy`` when another process holds it. None
-    where there are no such locks (not POSIX)."""
+    where there are no such locks (not POSIX). ``_unlock`` removes the file again."""
     try:
         import fcntl
     except ImportError:
         return None
     lock = path.with_name(path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    handle = lock.open("a+")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise JobDatabaseBusy(
-            f"Another run is working on the job database {str(path)!r} ({holder}; lock file {lock.name})"
-        ) from None
+    while True:
+        handle = lock.open("a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise JobDatabaseBusy(
+                f"Another run is working on the job database {str(path)!r} ({holder}; lock file {lock.name})"
+            ) from None
+        try:
+            if os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the holder removed the file as we opened it: lock the new one instead
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
     handle.flush()
     return handle
+
+
+def _unlock(handle: IO) -> None:
+    """Remove the lock file, then let go of it (in this order, so no one locks a file that is going away)."""
+    try:
+        os.unlink(handle.name)
+    except FileNotFoundError:
+        pass
+    handle.close()
 
 
 class LocalRows:
@@ -149,5 +165,5 @@ class LocalRows:
     def release(self, keep: Iterable[Any] = ()) -> None:
         """Let go of the run's lock on the file."""
         if self._lock is not None:
-            self._lock.close()
+            _unlock(self._lock)
             self._lock = None
