@@ -184,7 +184,12 @@ def run_round(args, sims: SimulatorProcess, manager: str, round_no: int, rng: ra
     outcome = {"round": round_no, "kills": kills, "final_exit": exit_code, "final_seconds": round(final_seconds, 1)}
     if exit_code != 0:
         outcome["error"] = stderr[-2000:]
-    outcome.update(check_round(read_db(args, workdir, table), workdir, round_id, args.jobs, sims.jobs()))
+    try:
+        df = read_db(args, workdir, table)
+    except Exception as e:  # e.g. a CSV truncated by a kill during a non-atomic write (openeo's manager)
+        outcome["unreadable_job_db"] = f"{e!r}"[:300]
+        df = pd.DataFrame({"status": pd.Series(dtype=object), "id": pd.Series(dtype=object)})
+    outcome.update(check_round(df, workdir, round_id, args.jobs, sims.jobs()))
     outcome["waited_out_a_lease"] = final_seconds > args.lease_bound
     if args.db == "postgres":
         _drop(table)
@@ -230,6 +235,7 @@ def main() -> int:
                 print(json.dumps({"manager": manager, "db": args.db, **outcome}), flush=True)
                 total.update({k: outcome[k] for k in ("kills", "duplicates", "lost_rows", "missing_results")})
                 total["failed_final_runs"] += outcome["final_exit"] != 0
+                total["unreadable_job_dbs"] += "unreadable_job_db" in outcome
                 total["waited_out_a_lease"] += outcome["waited_out_a_lease"]
                 total["slowest_final_seconds"] = max(total["slowest_final_seconds"], outcome["final_seconds"])
                 peak = max(peak, outcome["peak_active"])
