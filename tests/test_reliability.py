@@ -184,7 +184,7 @@ def test_download_job_results_layout_and_metadata(openeo_simulator, tmp_path):
     job_dir = tmp_path / "root" / f"job_{job_id}"
     doc = json.loads((job_dir / "job-results.json").read_text())
     assert sorted(p.name for p in job_dir.iterdir()) == sorted(
-        [*doc["assets"], "job-results.json", f"job_{job_id}.json"]
+        [*doc["assets"], "job-results.json", f"job_{job_id}.json", "stac-item.json"]
     )
     # Leftovers of a killed run are cleaned up by the next download.
     (job_dir / ".job-results.json.abc.tmp").write_text("half")

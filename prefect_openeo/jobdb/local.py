@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
 from openeo.extra.job_management import JobDatabaseInterface
 
-from prefect_openeo.frames import blank, column, set_cell
+from prefect_openeo.frames import column, set_cell
 from prefect_openeo.jobdb.files import JobDatabaseError
 from prefect_openeo.placement import assign_rows, free_slots, new_token
 from prefect_openeo.states import ACTIVE, PENDING
@@ -27,14 +27,27 @@ PLANNED_COLUMN = "planned_backend"
 RESULTS_COLUMN = "results"
 
 
+def filled(values: pd.Series) -> pd.Series:
+    """Which cells hold something (vectorized ``not blank``)."""
+    return values.notna() & values.ne("")
+
+
+def _none(df: pd.DataFrame) -> pd.Series:
+    return pd.Series(False, index=df.index)
+
+
 def unresolved_mask(df: pd.DataFrame) -> pd.Series:
     """``not_started`` rows with a recorded creation token."""
-    return df["status"].isin(PENDING) & ~column(df, TOKEN_COLUMN).map(blank)
+    if TOKEN_COLUMN not in df.columns:
+        return _none(df)
+    return df["status"].isin(PENDING) & filled(df[TOKEN_COLUMN])
 
 
 def owed_results_mask(df: pd.DataFrame, state: str = "pending") -> pd.Series:
     """Finished rows whose results are in ``state``."""
-    return (df["status"] == "finished") & (column(df, RESULTS_COLUMN) == state)
+    if RESULTS_COLUMN not in df.columns:
+        return _none(df)
+    return (df[RESULTS_COLUMN] == state) & (df["status"] == "finished")
 
 
 class JobDatabaseBusy(JobDatabaseError):
@@ -93,46 +106,68 @@ class LocalRows:
         self.budgets: dict[str, int] = {}
         self._lock: IO | None = None
 
+    def _table(self) -> pd.DataFrame | None:
+        """The whole table where the job database keeps it in memory (openeo's file job databases do), to
+        select from without copying it; None for other job databases."""
+        df = getattr(self.job_db, "df", None)
+        return df if isinstance(df, pd.DataFrame) and "status" in df.columns else None
+
+    def _select(
+        self, mask: Callable[[pd.DataFrame], pd.Series] | None, statuses: list[str], limit: int | None = None
+    ) -> pd.DataFrame:
+        """Rows (copied) with one of ``statuses`` where ``mask`` (if any) holds."""
+        df = self._table()
+        if df is None:
+            df = self.job_db.get_by_status(statuses=statuses)
+        where = df["status"].isin(statuses) if mask is None else mask(df)
+        if mask is not None and where.any():
+            where &= df["status"].isin(statuses)
+        return df.loc[df.index[where.to_numpy()][:limit]].copy()
+
+    def _count(self, mask: Callable[[pd.DataFrame], pd.Series], statuses: list[str]) -> int:
+        df = self._table()
+        if df is None:
+            df = self.job_db.get_by_status(statuses=statuses)
+        where = mask(df)
+        return int((where & df["status"].isin(statuses)).sum()) if where.any() else 0
+
     def prepare_run(self, budgets: Mapping[str, int]) -> dict[str, int]:
         """Take the run's lock on a local file; give failed downloads another go; the budgets are this run's."""
         path = getattr(self.job_db, "path", None)
         if isinstance(path, Path) and self._lock is None:  # two runs on one file would create the same rows' jobs
             self._lock = _lock(path)
         self.budgets = dict(budgets)
-        finished = self.job_db.get_by_status(statuses=["finished"])
-        failed = finished[owed_results_mask(finished, "failed")].copy()
+        failed = self._select(lambda df: owed_results_mask(df, "failed"), ["finished"])
         if not failed.empty:
             failed[RESULTS_COLUMN] = "pending"
             self.job_db.persist(failed[[RESULTS_COLUMN]])
         return dict(budgets)
 
     def claim_active(self) -> pd.DataFrame:
-        return self.job_db.get_by_status(statuses=list(ACTIVE))
+        return self._select(None, list(ACTIVE))
 
     def claim_unresolved(self) -> pd.DataFrame:
-        pending = self.job_db.get_by_status(statuses=list(PENDING))
-        return pending[unresolved_mask(pending)].copy()
+        return self._select(unresolved_mask, list(PENDING))
 
     def claim_new(self, caps: Mapping[str, int], order: list[str], max_rows: int = 200) -> pd.DataFrame:
         """Pick ``not_started`` rows for backends with free slots (their budget, at most ``caps``); record a
         token and the planned backend on each (persisted before any job is created) and return them."""
         budgets = {name: min(self.budgets.get(name, 0), caps.get(name, 0)) for name in order}
-        active = self.job_db.get_by_status(statuses=list(ACTIVE))
-        pending = self.job_db.get_by_status(statuses=list(PENDING))
-        unresolved = pending[unresolved_mask(pending)]
+        active = self.claim_active()
+        unresolved = self.claim_unresolved()
         free = free_slots(
             budgets,
-            active.groupby("backend_name").size().to_dict() if not active.empty else {},
+            active["backend_name"].value_counts().to_dict() if not active.empty else {},
             column(unresolved, PLANNED_COLUMN).value_counts().to_dict(),
         )
         total = sum(max(0, f) for f in free.values())
         if total <= 0:
-            return pending.iloc[0:0]
-        candidates = pending[~unresolved_mask(pending)].head(max(max_rows, 4 * total))
+            return unresolved.iloc[0:0]
+        candidates = self._select(lambda df: ~unresolved_mask(df), list(PENDING), limit=max(max_rows, 4 * total))
         plan = assign_rows(candidates, free, order)
         chosen = [(index, name) for name in order for index in plan.get(name, [])]
         if not chosen:
-            return pending.iloc[0:0]
+            return candidates.iloc[0:0]
         planned = candidates.loc[[i for i, _ in chosen]].copy()
         for index, name in chosen:
             set_cell(planned, index, TOKEN_COLUMN, new_token())
@@ -149,18 +184,24 @@ class LocalRows:
             self.job_db.persist(rows)
 
     def claim_downloads(self, limit: int, exclude: Iterable[Any] = (), backends: Iterable[str] = ()) -> pd.DataFrame:
-        finished = self.job_db.get_by_status(statuses=["finished"])
-        owed = finished[owed_results_mask(finished) & ~finished.index.isin(list(exclude))]
-        if backends:
-            owed = owed[owed["backend_name"].isin(list(backends))]
-        return owed.head(max(0, limit)).copy()
+        excluded, names = list(exclude), list(backends)
+
+        def owed(df: pd.DataFrame) -> pd.Series:
+            mask = owed_results_mask(df)
+            if not mask.any():
+                return mask
+            mask &= ~df.index.isin(excluded)
+            return mask & df["backend_name"].isin(names) if names else mask
+
+        return self._select(owed, ["finished"], limit=max(0, limit))
 
     def pending_downloads(self, backends: Iterable[str] = ()) -> int:
-        finished = self.job_db.get_by_status(statuses=["finished"])
-        owed = owed_results_mask(finished)
-        if backends:
-            owed &= finished["backend_name"].isin(list(backends))
-        return int(owed.sum())
+        names = list(backends)
+        def owed(df: pd.DataFrame) -> pd.Series:
+            mask = owed_results_mask(df)
+            return mask & df["backend_name"].isin(names) if names and mask.any() else mask
+
+        return self._count(owed, ["finished"])
 
     def release(self, keep: Iterable[Any] = ()) -> None:
         """Let go of the run's lock on the file."""
