@@ -1,165 +1,131 @@
 """The ``prefect-openeo`` command.
 
-Exit codes: 0 done (every row ended finished or skipped), 3 done but some rows ended in error,
-start_failed or canceled, 2 bad input (missing file, wrong format, unknown backend, bad option),
-1 the run itself failed, 130 interrupted (Ctrl-C; the job database is consistent, rerun to resume).
+Exit codes: 0 done (every row ended finished or skipped), 1 the run failed or stopped with rows unfinished
+(rerun to resume), 2 bad input (missing file, wrong format, bad option, a backend that is not openEO or
+rejects the credentials), 3 done but some rows ended in error, start_failed or canceled, 130 interrupted
+(Ctrl-C; the job database is consistent, rerun to resume).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import threading
 import time
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from prefect_openeo.states import ALL as ALL_STATUSES
 from prefect_openeo.states import TERMINAL
+from prefect_openeo.terminal import progress_bars, terminal_logging
 
 app = typer.Typer(help="Run thousands of openEO batch jobs with Prefect.", no_args_is_help=True)
 console = Console(soft_wrap=True)
 
 
-def _progress_watcher(
-    path: str | Path, total: int, stop: threading.Event, backends: list[str] | None = None
-) -> threading.Thread:
-    """Progress bars (all rows, and per backend) fed by the job database (written atomically, always whole)."""
-
-    def counts_of():
-        from prefect_openeo.jobdb import get_job_db
-
-        try:
-            df = get_job_db(path).get_by_status(statuses=list(ALL_STATUSES))
-        except Exception:
-            return None
-        return df
-
-    def watch() -> None:
-        with Progress(
-            TextColumn("[bold]{task.fields[label]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            bars = {None: progress.add_task("", total=total, label="all jobs")}
-            for name in backends or []:
-                bars[name] = progress.add_task("", total=None, label=name)
-            while True:
-                df = counts_of()
-                if df is not None:
-                    for name, bar in bars.items():
-                        part = df if name is None else df[df["backend_name"] == name]
-                        counts = part["status"].value_counts().to_dict()
-                        done = sum(v for k, v in counts.items() if k in TERMINAL)
-                        progress.update(
-                            bar,
-                            completed=done,
-                            description=_histogram(counts),
-                            total=total if name is None else max(1, len(part)),
-                        )
-                if stop.wait(0.5):
-                    break
-
-    thread = threading.Thread(target=watch, name="progress", daemon=True)
-    thread.start()
-    return thread
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = (
+    "Exit codes: 0 every row finished (or was skipped); 1 the run failed or stopped with rows unfinished "
+    "(rerun to resume); 2 bad input (files, options, backends that are not openEO or reject the credentials); "
+    "3 done, but some rows ended error, start_failed or canceled; 130 interrupted by Ctrl-C (the job "
+    "database is consistent: rerun to resume)."
+)
+#: How long the checks of the backends wait for an answer before the run starts anyway (seconds).
+PREFLIGHT_WAIT = 30.0
+#: How long Ctrl-C waits for a run without Prefect to end its sweep (seconds).
+LOCAL_STOP_WAIT = 30.0
+VERBOSE_HELP = "Show Prefect's lines (one per task run) and INFO logs in the terminal too."
+#: A backend given as an ``OpenEOBackend`` block (as ``prefect_openeo.flows.BLOCK_PREFIX``; no Prefect import).
+BLOCK_PREFIX = "block:"
 
 
-def _histogram(counts: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-
-
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def demo(
     tiles: int = typer.Option(20, min=1, max=500, help="Number of tiles (jobs)."),
     output: Path = typer.Option(Path("demo-output"), help="Folder for the job database and results."),
     local: bool = typer.Option(False, "--local", help="Run the drop-in manager outside Prefect (no flow run)."),
     failure_rate: float = typer.Option(0.1, min=0.0, max=1.0, help="Fraction of simulated jobs that fail."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run ~20 NDVI jobs on two simulated openEO backends: no account, no network."""
-    from prefect_openeo.demo import create_ndvi_job, demo_tiles
-    from prefect_openeo.jobdb import create_job_db
-    from prefect_openeo.simulator import SimulatorConfig, simulated_backends
+    api = state = None
+    settled = True  # no thread of a run that may still talk to Prefect
+    try:
+        if not local:  # the Prefect server starts while the simulators and the job database get ready
+            api = _prefect_api()
+        from prefect_openeo.demo import create_ndvi_job, demo_tiles
+        from prefect_openeo.jobdb import create_job_db
+        from prefect_openeo.simulator import SimulatorConfig, simulated_backends
 
-    output.mkdir(parents=True, exist_ok=True)
-    db_path = output / "jobs.parquet"
-    if db_path.exists():
-        console.print(f"Resuming the job database at [bold]{db_path}[/] (delete the folder to start over)")
-    else:
-        create_job_db(db_path, demo_tiles(tiles))
-    config = SimulatorConfig(queue_duration=1.0, run_duration=3.0, jitter=0.3, capacity=3, failure_rate=failure_rate)
-    started = time.monotonic()
-    with simulated_backends(2, config) as (sim_a, sim_b):
-        console.print(f"Simulated backends: sim-a at {sim_a.url}, sim-b at {sim_b.url}")
-        stop = threading.Event()
-        watcher = _progress_watcher(db_path, tiles, stop)
-        backends = {"sim-a": sim_a.url, "sim-b": sim_b.url}
-        try:
-            if local:
-                stats = _run_local(db_path, backends, create_ndvi_job, output)
-            else:
-                os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-                from prefect_openeo.flows import run_openeo_jobs
+        output.mkdir(parents=True, exist_ok=True)
+        db_path = output / "jobs.parquet"
+        if db_path.exists():
+            console.print(f"Resuming the job database at [bold]{db_path}[/] (delete the folder to start over)")
+        else:
+            create_job_db(db_path, demo_tiles(tiles))
+        total = len(_read(_open_db(str(db_path))))
+        config = SimulatorConfig(
+            queue_duration=1.0, run_duration=3.0, jitter=0.3, capacity=3, failure_rate=failure_rate
+        )
+        with simulated_backends(2, config) as (sim_a, sim_b), terminal_logging(console, verbose):
+            console.print(f"Simulated backends: sim-a at {sim_a.url}, sim-b at {sim_b.url}")
+            backends = {"sim-a": sim_a.url, "sim-b": sim_b.url}
+            if not local:
+                import prefect_openeo.flows  # noqa: F401  (Prefect loads while its server starts)
+            _api_ready(api)
+            started = time.monotonic()
+            with progress_bars(console, db_path, total, list(backends)):
+                if local:
+                    manager = _local_manager(
+                        backends,
+                        parallel_jobs=3,
+                        poll_sleep=1,
+                        root_dir=output / "results",
+                    )
+                    _run_local(manager, create_ndvi_job, db_path)
+                else:
+                    settled = False
+                    state = _run_flow(
+                        api,
+                        job_db=str(db_path),
+                        backends=backends,
+                        start_job=create_ndvi_job,
+                        parallel_jobs=3,
+                        poll_sleep=1,
+                        root_dir=str(output / "results"),
+                    )
+                    settled = state.is_completed()
+            seconds = time.monotonic() - started
+            requests = sim_a.total_requests() + sim_b.total_requests()
+        df = _read(_open_db(str(db_path)))
+        _print_status(df)
+        _print_demo_summary(df, db_path, output, requests, seconds)
+        code = _outcome(df, None if local else state)
+        if api is not None:
+            _print_ui_hint(api, state.state_details.flow_run_id)
+    except KeyboardInterrupt:
+        code = _interrupted()
+    finally:
+        if api is not None:
+            api.close(settled=settled)
+    raise typer.Exit(code)
 
-                stats = run_openeo_jobs(
-                    job_db=str(db_path),
-                    backends=backends,
-                    start_job=create_ndvi_job,
-                    parallel_jobs=3,
-                    poll_sleep=1,
-                    root_dir=str(output / "results"),
-                )
-        finally:
-            stop.set()
-            watcher.join(5)
-        requests = sim_a.total_requests() + sim_b.total_requests()
-    _print_summary(db_path, output, stats, requests, time.monotonic() - started)
 
-
-def _run_local(db_path: Path, backends: dict, start_job, output: Path) -> dict:
-    import openeo
-
-    from prefect_openeo import MultiBackendJobManager
-
-    manager = MultiBackendJobManager(poll_sleep=1, root_dir=output / "results")
-    for name, url in backends.items():
-        manager.add_backend(name, connection=openeo.connect(url), parallel_jobs=3)
-    return manager.run_jobs(job_db=db_path, start_job=start_job)
-
-
-def _print_summary(db_path: Path, output: Path, stats: dict, requests: int, seconds: float) -> None:
-    from prefect_openeo.jobdb import get_job_db
-
-    df = get_job_db(db_path).read()
-    table = Table(title="openEO jobs by status and backend")
-    statuses = sorted(df["status"].unique())
-    table.add_column("backend")
-    for status in statuses:
-        table.add_column(status, justify="right")
-    for backend, group in df.groupby(df["backend_name"].fillna("(none)")):
-        counts = group["status"].value_counts()
-        table.add_row(str(backend), *(str(int(counts.get(s, 0))) for s in statuses))
-    console.print(table)
+def _print_demo_summary(df: Any, db_path: Path, output: Path, requests: int, seconds: float) -> None:
     results = output / "results"
     n_results = len(list(results.glob("job_*/job-results.json"))) if results.exists() else 0
-    console.print(f"Job database: [bold]{db_path}[/]")
-    console.print(f"Results: [bold]{results}[/] ({n_results} jobs downloaded)")
     console.print(
-        f"{len(df)} rows in {seconds:.1f} s, {requests} backend requests "
-        f"({requests / max(1, len(df)):.1f} per job); stats: {dict(stats)}"
+        f"{len(df)} jobs in {seconds:.1f} s, {requests} backend requests ({requests / max(1, len(df)):.1f} per job)"
     )
-
-
-EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 3, 2, 1, 130
+    console.print(f"Job database: [bold]{db_path}[/] (see it with `prefect-openeo status {db_path}`)")
+    console.print(f"Results: [bold]{results}[/] ({n_results} jobs downloaded)")
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -301,7 +267,177 @@ def _parse_value(value: str) -> Any:
         return value
 
 
-@app.command()
+class Auth(str, Enum):
+    """How ``run`` authenticates with backends given by URL."""
+
+    none = "none"
+    basic = "basic"
+    oidc = "oidc"
+
+
+@dataclass
+class BackendSpec:
+    """One ``-b NAME=URL`` (or ``NAME=block:BLOCK``) backend, checked before anything starts.
+
+    The connection made by the check is handed to the run (no second login, e.g. for OIDC); later ones are
+    made afresh (a backend that was down is connected to again).
+    """
+
+    name: str
+    target: str
+    auth: Auth = Auth.none
+    _connection: Any = field(default=None, repr=False)
+    _block: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def block(self) -> str | None:
+        """The block name of a ``block:NAME`` backend."""
+        return self.target[len(BLOCK_PREFIX) :] if self.target.startswith(BLOCK_PREFIX) else None
+
+    def load_block(self) -> Any:
+        """The ``OpenEOBackend`` block (loaded once, from the Prefect API)."""
+        from prefect_openeo.flows import load_block
+
+        if self._block is None:
+            self._block = load_block(self.target)
+        return self._block
+
+    def open(self, *, retry: bool = True) -> Any:
+        """A new connection to the backend (for a URL: ``retry=False`` fails at once when it is down)."""
+        import openeo
+
+        if self.block:
+            return self.load_block().get_connection()
+        return openeo.connect(self.target, retry=None if retry else False)
+
+    def authenticate(self, connection: Any) -> Any:
+        if not self.block and self.auth == Auth.basic:
+            connection.authenticate_basic(os.environ["OPENEO_USERNAME"], os.environ["OPENEO_PASSWORD"])
+        elif not self.block and self.auth == Auth.oidc:
+            connection.authenticate_oidc()
+        return connection
+
+    def keep(self, connection: Any) -> None:
+        with self._lock:
+            self._connection = connection
+
+    def connection(self) -> Any:
+        """The run's connection getter: the checked connection the first time, then new ones. They fail at
+        once when the backend is down (the run then retries it each sweep while the others go on); the run
+        makes them resilient (retries with backoff) once connected."""
+        with self._lock:
+            connection, self._connection = self._connection, None
+        return connection if connection is not None else self.authenticate(self.open(retry=False))
+
+
+def _backend_specs(values: list[str], auth: Auth) -> list[BackendSpec]:
+    """Every ``--backend``, checked without the network: names given once, http(s) URLs or block names,
+    and the credentials ``--auth basic`` needs."""
+    from urllib.parse import urlsplit
+
+    specs: dict[str, BackendSpec] = {}
+    for value in values:
+        name, sep, target = (part.strip() for part in value.partition("="))
+        if not sep or not name:
+            raise _fail(f"--backend must look like NAME=URL or NAME=block:BLOCK, got {value!r}")
+        if name in specs:
+            raise _fail(f"backend name {name!r} is given twice: every --backend needs a name of its own")
+        if not target:
+            raise _fail(f"backend {name!r} has an empty URL (--backend {name}=https://...)")
+        if target.startswith(BLOCK_PREFIX):
+            if not target[len(BLOCK_PREFIX) :].strip():
+                raise _fail(f"backend {name!r}: {BLOCK_PREFIX}NAME needs the name of an OpenEOBackend block")
+        else:
+            parts = urlsplit(target)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                hint = f" (did you mean https://{target}?)" if "://" not in target else ""
+                raise _fail(f"backend {name!r}: {target!r} is not an http:// or https:// URL{hint}")
+        specs[name] = BackendSpec(name, target, auth)
+    if auth == Auth.basic and any(not s.block for s in specs.values()):
+        missing = [v for v in ("OPENEO_USERNAME", "OPENEO_PASSWORD") if not os.environ.get(v)]
+        if missing:
+            raise _fail(f"--auth basic needs {' and '.join(missing)} in the environment")
+    return list(specs.values())
+
+
+@dataclass
+class _Probe:
+    """A check of one backend, under way in a thread."""
+
+    spec: BackendSpec
+    done: threading.Event = field(default_factory=threading.Event)
+    #: The backend answered (what remains is logging in, which may ask the user, e.g. OIDC).
+    reached: threading.Event = field(default_factory=threading.Event)
+    problem: str | None = None
+    #: The backend cannot be reached now: its jobs wait in its lane while the others go on.
+    down: str | None = None
+
+    def start(self) -> _Probe:
+        context = contextvars.copy_context()  # the Prefect API of this command (blocks)
+        threading.Thread(target=context.run, args=(self._check,), name=f"check-{self.spec.name}", daemon=True).start()
+        return self
+
+    def _check(self) -> None:
+        from openeo.rest import OpenEoApiError
+
+        from prefect_openeo.backends import is_transient
+
+        spec, where = self.spec, f"backend {self.spec.name!r} at {self.spec.target}"
+        try:
+            step = "load"
+            if spec.block:
+                spec.load_block()
+            step = "connect"
+            connection = spec.open(retry=False)
+            self.reached.set()
+            step = "login"
+            spec.authenticate(connection)
+            step = "connect"
+            if not connection.capabilities().api_version():
+                raise ValueError("no api_version in its capabilities")
+            spec.keep(connection)
+        except Exception as e:
+            if step == "load":
+                self.problem = f"{where}: cannot load the OpenEOBackend block: {e}"
+            elif is_transient(e):
+                self.down = f"{where} cannot be reached now ({type(e).__name__})"
+            elif step == "login" and isinstance(e, OpenEoApiError) and e.http_status_code in (401, 403):
+                self.problem = f"{where} rejects the credentials: {e.message}"
+            elif isinstance(e, OpenEoApiError) and e.http_status_code in (401, 403):
+                self.problem = f"{where} refuses access: {e.message}"
+            elif step == "login":
+                self.problem = f"{where}: logging in failed: {e}"
+            else:
+                self.problem = f"{where} is not an openEO API: {e}"
+        finally:
+            self.reached.set()
+            self.done.set()
+
+    def wait(self, deadline: float) -> None:
+        self.done.wait(max(0.0, deadline - time.monotonic()))
+        if not self.done.is_set() and self.reached.is_set():
+            self.done.wait()  # logging in may take the user's time (OIDC device flow)
+        if not self.done.is_set():
+            self.down = f"backend {self.spec.name!r} at {self.spec.target} did not answer within {PREFLIGHT_WAIT:g} s"
+
+
+def _check_backends(probes: list[_Probe]) -> None:
+    """Wait for the checks: a backend that is not openEO or rejects the credentials stops everything here
+    (exit 2); one that cannot be reached now does not (its jobs wait while the others go on)."""
+    deadline = time.monotonic() + PREFLIGHT_WAIT
+    problems = []
+    for probe in probes:
+        probe.wait(deadline)
+        if probe.problem:
+            problems.append(probe.problem)
+        elif probe.down and not probe.done.is_set():  # a backend found down: the run says so itself
+            console.print(f"[yellow]warning:[/] {probe.down}: its jobs wait while the other backends go on")
+    if problems:
+        raise _fail("\n".join(problems))
+
+
+@app.command(epilog=EXIT_CODES)
 def run(
     job_db: str = typer.Argument(..., help="Job database (path or SQLAlchemy URL)."),
     backend: list[str] = typer.Option(
@@ -316,103 +452,212 @@ def run(
     download: bool = typer.Option(True, help="Download results of finished jobs."),
     cancel_after: int = typer.Option(None, help="Cancel jobs running longer than this (seconds)."),
     retry_failed: int = typer.Option(0, min=0, help="Retries per row that ends in error or start_failed."),
-    auth: str = typer.Option("none", help="Authentication: none, basic (OPENEO_USERNAME/OPENEO_PASSWORD), oidc."),
+    auth: Auth = typer.Option(
+        Auth.none, help="Authentication with URL backends: basic (OPENEO_USERNAME/OPENEO_PASSWORD) or oidc."
+    ),
     local: bool = typer.Option(False, "--local", help="Run without Prefect (no flow run)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
-    """Run the job database's jobs until every row ended, with a live progress bar per backend."""
-    import openeo
+    """Run the job database's jobs until every row ended, with a live progress bar per backend.
 
-    from prefect_openeo import MultiBackendJobManager
-    from prefect_openeo.flows import BLOCK_PREFIX, load_block, load_callable
-
-    backends = _pairs(backend, "--backend")
+    Every backend is checked first (in parallel): one that is not an openEO API or rejects the credentials
+    stops the command before anything starts; one that is down now only gets a warning, and its jobs wait
+    while the other backends work. Without PREFECT_API_URL, a temporary local Prefect server runs the flow
+    (stopped at the end); Ctrl-C ends the flow run and stops it cleanly.
+    """
+    specs = _backend_specs(backend, auth)
     db = _open_db(job_db)
-    _read(db)
+    rows = _read(db)
+    _check_pinned(rows, [spec.name for spec in specs])
+    total = len(rows)
+    callback = _job_callback(start_job, process_id, namespace)
+    if retry_failed and not local:
+        raise _fail("--retry-failed needs --local for now: the run_openeo_jobs flow does not take it yet")
+    api = state = None
+    settled = True  # no thread of a run that may still talk to Prefect
+    try:
+        needs_api = not local or any(spec.block for spec in specs)
+        api = _prefect_api() if needs_api else None
+        probes = [_Probe(spec).start() for spec in specs if not spec.block]  # while the server starts
+        if not local:
+            import prefect_openeo.flows  # noqa: F401  (Prefect loads while its server starts)
+        with terminal_logging(console, verbose):
+            _api_ready(api)
+            with api.use() if api is not None else contextlib.nullcontext():
+                probes += [_Probe(spec).start() for spec in specs if spec.block]
+                _check_backends(probes)
+                if local and api is not None:  # the blocks are loaded: no need for Prefect any longer
+                    api.close(settled=True)
+                    api = None
+                with progress_bars(console, job_db, total, [spec.name for spec in specs]):
+                    if local:
+                        manager = _local_manager(
+                            {spec.name: spec.connection for spec in specs},
+                            parallel_jobs=parallel_jobs,
+                            poll_sleep=poll_sleep,
+                            root_dir=root_dir,
+                            download_results=download,
+                            cancel_running_job_after=cancel_after,
+                            retry_failed_jobs=retry_failed,
+                        )
+                        _run_local(manager, callback, db)
+                    else:
+                        settled = False
+                        state = _run_flow(
+                            api,
+                            job_db=db,
+                            backends={spec.name: spec.connection for spec in specs},
+                            start_job=callback,
+                            parallel_jobs=parallel_jobs,
+                            poll_sleep=poll_sleep,
+                            root_dir=str(root_dir),
+                            download_results=download,
+                            cancel_running_job_after=cancel_after,
+                        )
+                        settled = state.is_completed()
+        df = _read(db)
+        _print_status(df)
+        code = _outcome(df, state)
+        if state is not None:
+            _print_ui_hint(api, state.state_details.flow_run_id)
+    except KeyboardInterrupt:
+        code = _interrupted()
+    finally:
+        if api is not None:
+            api.close(settled=settled)
+    raise typer.Exit(code)
+
+
+def _check_pinned(df: Any, names: list[str]) -> None:
+    """Unfinished rows that name a backend must name one of ``--backend`` (they would wait forever)."""
+    if "backend_name" not in df.columns:
+        return
+    pinned = df.loc[~df["status"].isin(TERMINAL), "backend_name"].dropna()
+    unknown = pinned[(pinned != "") & ~pinned.isin(names)]
+    if not unknown.empty:
+        raise _fail(
+            f"{len(unknown)} unfinished row(s) name backend(s) {', '.join(sorted(set(unknown)))} (e.g. row "
+            f"{unknown.index[0]}), not given with --backend (given: {', '.join(names)})"
+        )
+
+
+def _job_callback(start_job: str | None, process_id: str | None, namespace: str | None) -> Any:
+    from prefect_openeo.flows import load_callable
+
     if bool(start_job) == bool(process_id):
         raise _fail("give either --start-job module:function or --process-id (with --namespace)")
     if process_id:
         from openeo.extra.job_management.process_based import ProcessBasedJobCreator
 
-        callback = ProcessBasedJobCreator(process_id=process_id, namespace=namespace)
-    else:
-        try:
-            callback = load_callable(start_job)
-        except ValueError as e:
-            raise _fail(str(e)) from e
-
-    def connector(url: str):
-        if url.startswith(BLOCK_PREFIX):  # an OpenEOBackend block saved on the Prefect server
-            return load_block(url).get_connection
-
-        def make():
-            connection = openeo.connect(url)
-            if auth == "basic":
-                connection.authenticate_basic(os.environ.get("OPENEO_USERNAME"), os.environ.get("OPENEO_PASSWORD"))
-            elif auth == "oidc":
-                connection.authenticate_oidc()
-            return connection
-
-        return make
-
-    total = len(_read(db))
-    stop = threading.Event()
-    watcher = _progress_watcher(job_db, total, stop, backends=list(backends))
+        return ProcessBasedJobCreator(process_id=process_id, namespace=namespace)
     try:
-        if local:
-            manager = MultiBackendJobManager(
-                poll_sleep=poll_sleep,
-                root_dir=root_dir,
-                download_results=download,
-                cancel_running_job_after=cancel_after,
-                retry_failed_jobs=retry_failed,
-            )
-            for name, url in backends.items():
-                manager.add_backend(name, connection=connector(url), parallel_jobs=parallel_jobs)
-            manager.start_job_thread(start_job=callback, job_db=db)
-            try:
-                while manager._thread.is_alive():
-                    manager._thread.join(0.2)
-            except KeyboardInterrupt:
-                manager.stop_job_thread(timeout_seconds=2 * poll_sleep + 30)
-                raise
-            stats = dict(manager.stats)
-        else:
-            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            from prefect_openeo.flows import run_openeo_jobs
+        return load_callable(start_job)
+    except ValueError as e:
+        raise _fail(str(e)) from e
 
-            state = run_openeo_jobs(
-                job_db=db,
-                backends={name: connector(url) for name, url in backends.items()},
-                start_job=callback,
-                parallel_jobs=parallel_jobs,
-                poll_sleep=poll_sleep,
-                root_dir=str(root_dir),
-                download_results=download,
-                cancel_running_job_after=cancel_after,
-                return_state=True,
-            )
-            if not state.is_completed():
-                stop.set()
-                watcher.join(5)
-                try:
-                    state.result()
-                except Exception as e:
-                    raise _fail(f"the run failed: {e}", EXIT_RUN_FAILED) from e
-                raise _fail(f"the run ended {state.name}", EXIT_RUN_FAILED)
-            stats = state.result()
+
+def _prefect_api() -> Any:
+    """The Prefect API of this command; a temporary server starts now (in its own session)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect_openeo.prefect_server import PrefectApi
+
+    return PrefectApi().start()
+
+
+def _api_ready(api: Any) -> None:
+    """Wait until the Prefect API answers (exit 1 when it does not)."""
+    if api is None:
+        return
+    from prefect_openeo.prefect_server import PrefectApiError
+
+    try:
+        if api.temporary:
+            with console.status("Starting a temporary Prefect server (set PREFECT_API_URL to use yours)"):
+                api.wait_ready()
+        else:
+            api.wait_ready()
+    except PrefectApiError as e:
+        raise _fail(str(e), EXIT_RUN_FAILED) from e
+
+
+def _local_manager(connections: dict[str, Any], *, parallel_jobs: int, **options: Any) -> Any:
+    import openeo
+
+    from prefect_openeo import MultiBackendJobManager
+
+    manager = MultiBackendJobManager(**options)
+    for name, connection in connections.items():
+        if isinstance(connection, str):
+            url = connection
+            connection = lambda url=url: openeo.connect(url)  # noqa: E731
+        manager.add_backend(name, connection=connection, parallel_jobs=parallel_jobs)
+    return manager
+
+
+def _run_local(manager: Any, callback: Any, job_db: Any) -> None:
+    """The drop-in manager in its thread, until it ends; Ctrl-C lets it end its sweep first."""
+    manager.start_job_thread(start_job=callback, job_db=job_db)
+    try:
+        while manager._thread.is_alive():
+            manager._thread.join(0.2)
     except KeyboardInterrupt:
-        stop.set()
-        watcher.join(5)
-        console.print("Interrupted: the job database is consistent; run the same command again to resume.")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    finally:
-        stop.set()
-        watcher.join(5)
-    _print_status(_read(db))
-    console.print(f"Run stats: {stats}")
-    failed = _read(db)["status"].isin(["error", "start_failed", "canceled"]).sum()
+        manager.stop_job_thread(timeout_seconds=LOCAL_STOP_WAIT)
+        raise
+
+
+def _run_flow(api: Any, **parameters: Any) -> Any:
+    """The ``run_openeo_jobs`` flow, on the command's Prefect API; its final state. On a configured server,
+    the flow run's page in the UI is given as soon as it runs."""
+    from prefect_openeo.flows import run_openeo_jobs
+    from prefect_openeo.prefect_server import flow_run_url
+
+    def running(flow: Any, flow_run: Any, state: Any) -> None:
+        if not api.temporary:
+            console.print(f"Watch this run in the Prefect UI: {flow_run_url(flow_run.id)}")
+
+    with api.use():
+        return run_openeo_jobs.with_options(on_running=[running])(**parameters, return_state=True)
+
+
+def _outcome(df: Any, state: Any = None) -> int:
+    """The exit code of a run that ended, with a line that says why when it is not 0."""
+    unfinished = int((~df["status"].isin(TERMINAL)).sum())
+    if state is not None and not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        reason = error if isinstance(error, BaseException) else state.message or state.name
+        console.print(f"[bold red]error:[/] the run failed: {reason}")
+        return EXIT_RUN_FAILED
+    if unfinished:
+        console.print(
+            f"[bold red]error:[/] the run stopped with {unfinished} row(s) unfinished: "
+            "run the same command again to resume"
+        )
+        return EXIT_RUN_FAILED
+    failed = int(df["status"].isin(["error", "start_failed", "canceled"]).sum())
     if failed:
-        raise typer.Exit(EXIT_FAILED_ROWS)
+        console.print(f"{failed} row(s) ended error, start_failed or canceled: see `prefect-openeo status`")
+        return EXIT_FAILED_ROWS
+    return EXIT_OK
+
+
+def _interrupted() -> int:
+    console.print("Interrupted: the job database is consistent; run the same command again to resume.")
+    return EXIT_INTERRUPTED
+
+
+def _print_ui_hint(api: Any, flow_run_id: Any) -> None:
+    """Where to see the flow run in the Prefect UI (a temporary server's runs are in Prefect's database)."""
+    from prefect_openeo.prefect_server import flow_run_url
+
+    if api is None or flow_run_id is None:
+        return
+    if api.temporary:
+        console.print(
+            "See this run in the Prefect UI: start a server with `prefect server start`, then open "
+            f"{flow_run_url(flow_run_id)}"
+        )
+    else:
+        console.print(f"See this run in the Prefect UI: {flow_run_url(flow_run_id)}")
 
 
 def _print_status(df) -> dict:

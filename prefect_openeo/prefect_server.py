@@ -228,15 +228,16 @@ class PrefectApi:
         with temporary_settings(updates={PREFECT_API_URL: self.url}):
             yield self.url
 
-    def close(self, *, finished: bool) -> None:
+    def close(self, *, settled: bool) -> None:
         """Flush Prefect's logs and events, then stop a temporary server.
 
-        A run that did not finish (Ctrl-C, an error) may still have threads that talk to Prefect: its server
-        then stops when this process exits, after Prefect's own flush at exit.
+        :param settled: no thread of a run may still talk to Prefect. A flow run that did not end cleanly
+            (Ctrl-C, an error) may leave some: the server then stops when this process exits, after
+            Prefect's own flush at exit.
         """
         if self.url is not None:
             drain_prefect_services()
-        if self.server is not None and finished:
+        if self.server is not None and settled:
             self.server.stop()
 
 
