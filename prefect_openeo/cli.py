@@ -55,7 +55,7 @@ def demo(
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run ~20 NDVI jobs on two simulated openEO backends: no account, no network."""
-    api = state = None
+    api = state = code = None
     settled = True  # no thread of a run that may still talk to Prefect
     try:
         if not local:  # the Prefect server starts while the simulators and the job database get ready
@@ -111,10 +111,10 @@ def demo(
         if api is not None:
             _print_ui_hint(api, state.state_details.flow_run_id)
     except KeyboardInterrupt:
-        code = _interrupted()
+        console.print(f"Interrupted. The simulated backends (and their jobs) ended too: delete {output} to start over.")
+        code = EXIT_INTERRUPTED
     finally:
-        if api is not None:
-            api.close(settled=settled)
+        code = _close(api, settled, code)
     raise typer.Exit(code)
 
 
@@ -473,7 +473,7 @@ def run(
     callback = _job_callback(start_job, process_id, namespace)
     if retry_failed and not local:
         raise _fail("--retry-failed needs --local for now: the run_openeo_jobs flow does not take it yet")
-    api = state = None
+    api = state = code = None
     settled = True  # no thread of a run that may still talk to Prefect
     try:
         needs_api = not local or any(spec.block for spec in specs)
@@ -521,10 +521,10 @@ def run(
         if state is not None:
             _print_ui_hint(api, state.state_details.flow_run_id)
     except KeyboardInterrupt:
-        code = _interrupted()
+        console.print("Interrupted: the job database is consistent; run the same command again to resume.")
+        code = EXIT_INTERRUPTED
     finally:
-        if api is not None:
-            api.close(settled=settled)
+        code = _close(api, settled, code)
     raise typer.Exit(code)
 
 
@@ -640,9 +640,14 @@ def _outcome(df: Any, state: Any = None) -> int:
     return EXIT_OK
 
 
-def _interrupted() -> int:
-    console.print("Interrupted: the job database is consistent; run the same command again to resume.")
-    return EXIT_INTERRUPTED
+def _close(api: Any, settled: bool, code: int | None = None) -> int | None:
+    """Close the command's Prefect API (see ``PrefectApi.close``); a second Ctrl-C meanwhile still exits 130."""
+    try:
+        if api is not None:
+            api.close(settled=settled)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code
 
 
 def _print_ui_hint(api: Any, flow_run_id: Any) -> None:
