@@ -210,10 +210,15 @@ class PrefectApi:
         """The API URL once it answers; ``PrefectApiError`` otherwise."""
         if self.server is not None:
             self.url = self.server.wait_ready(timeout)
-        elif not healthy(self.configured, timeout=10):
+            return self.url
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:  # with the configured credentials (Prefect Cloud)
+            error = client.api_healthcheck()
+        if error is not None:
             raise PrefectApiError(
-                f"the Prefect API at {self.configured} (PREFECT_API_URL) does not answer: start it "
-                "(`prefect server start`), or unset PREFECT_API_URL to use a temporary local server"
+                f"the Prefect API at {self.configured} (PREFECT_API_URL) does not answer ({type(error).__name__}): "
+                "start it (`prefect server start`), or unset PREFECT_API_URL to use a temporary local server"
             )
         return self.url
 
