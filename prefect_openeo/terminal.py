@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -110,11 +109,17 @@ def progress_bars(
     writes are atomic: it is read whole, never half-written); they show the final counts at the end."""
     stop = threading.Event()
 
-    def counts_of() -> Any:
+    def counts_of() -> dict[str | None, dict[str, int]] | None:
+        """Rows by status, for all rows (key None) and per backend; None while the database cannot be read."""
         from prefect_openeo.jobdb import get_job_db
 
         try:
-            return get_job_db(path).get_by_status(statuses=list(ALL_STATUSES))
+            df = get_job_db(path).get_by_status(statuses=list(ALL_STATUSES))
+            counts: dict[str | None, dict[str, int]] = {None: df["status"].value_counts().to_dict()}
+            if "backend_name" in df.columns:  # (not yet in a new table: no row was placed)
+                for name, group in df.groupby("backend_name"):
+                    counts[name] = group["status"].value_counts().to_dict()
+            return counts
         except Exception:
             return None
 
@@ -124,18 +129,13 @@ def progress_bars(
             bars[name] = progress.add_task("", total=None, label=name)
         while True:
             final = stop.is_set()
-            df = counts_of()
-            if df is not None:
+            counts = counts_of()
+            if counts is not None:
                 for name, bar in bars.items():
-                    part = df if name is None else df[df["backend_name"] == name]
-                    counts = part["status"].value_counts().to_dict()
-                    done = sum(v for k, v in counts.items() if k in TERMINAL)
-                    progress.update(
-                        bar,
-                        completed=done,
-                        description=histogram(counts),
-                        total=total if name is None else len(part),
-                    )
+                    mine = counts.get(name, {})
+                    done = sum(v for k, v in mine.items() if k in TERMINAL)
+                    size = total if name is None else sum(mine.values())
+                    progress.update(bar, completed=done, description=histogram(mine), total=size)
             if final:
                 break
             stop.wait(interval)

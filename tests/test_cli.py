@@ -17,7 +17,11 @@ from typer.testing import CliRunner
 from prefect_openeo.cli import app
 from prefect_openeo.report import STATUS_COLORS
 
-pytestmark = pytest.mark.timeout(120)
+# A thread of the command that dies (e.g. the progress bars') fails the test.
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 runner = CliRunner()
 
 

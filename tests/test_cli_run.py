@@ -23,7 +23,11 @@ from prefect_openeo.jobdb import create_job_db, get_job_db
 from prefect_openeo.prefect_server import free_port
 from prefect_openeo.testing import local_prefect_server
 
-pytestmark = pytest.mark.timeout(600)
+# A thread of the command that dies (e.g. the progress bars') fails the test.
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 EXE = str(Path(sys.executable).with_name("prefect-openeo"))
 START_JOB = "prefect_openeo.demo:create_ndvi_job"
 FLOW_RUN_URL = re.compile(r"http://127\.0\.0\.1:\d+/runs/flow-run/([0-9a-f-]{36})")
