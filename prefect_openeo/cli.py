@@ -9,13 +9,9 @@ rejects the credentials), 3 done but some rows ended in error, start_failed or c
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import os
-import threading
 import time
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from prefect_openeo.backend_checks import Auth, BackendSpecError, Probe, parse_backends, wait_for
 from prefect_openeo.states import TERMINAL
 from prefect_openeo.terminal import progress_bars, terminal_logging
 
@@ -37,13 +34,9 @@ EXIT_CODES = (
     "3 done, but some rows ended error, start_failed or canceled; 130 interrupted by Ctrl-C (the job "
     "database is consistent: rerun to resume)."
 )
-#: How long the checks of the backends wait for an answer before the run starts anyway (seconds).
-PREFLIGHT_WAIT = 30.0
 #: How long Ctrl-C waits for a run without Prefect to end its sweep (seconds).
 LOCAL_STOP_WAIT = 30.0
 VERBOSE_HELP = "Show Prefect's lines (one per task run) and INFO logs in the terminal too."
-#: A backend given as an ``OpenEOBackend`` block (as ``prefect_openeo.flows.BLOCK_PREFIX``; no Prefect import).
-BLOCK_PREFIX = "block:"
 
 
 @app.command(epilog=EXIT_CODES)
@@ -267,176 +260,6 @@ def _parse_value(value: str) -> Any:
         return value
 
 
-class Auth(str, Enum):
-    """How ``run`` authenticates with backends given by URL."""
-
-    none = "none"
-    basic = "basic"
-    oidc = "oidc"
-
-
-@dataclass
-class BackendSpec:
-    """One ``-b NAME=URL`` (or ``NAME=block:BLOCK``) backend, checked before anything starts.
-
-    The connection made by the check is handed to the run (no second login, e.g. for OIDC); later ones are
-    made afresh (a backend that was down is connected to again).
-    """
-
-    name: str
-    target: str
-    auth: Auth = Auth.none
-    _connection: Any = field(default=None, repr=False)
-    _block: Any = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def block(self) -> str | None:
-        """The block name of a ``block:NAME`` backend."""
-        return self.target[len(BLOCK_PREFIX) :] if self.target.startswith(BLOCK_PREFIX) else None
-
-    def load_block(self) -> Any:
-        """The ``OpenEOBackend`` block (loaded once, from the Prefect API)."""
-        from prefect_openeo.flows import load_block
-
-        if self._block is None:
-            self._block = load_block(self.target)
-        return self._block
-
-    def open(self, *, retry: bool = True) -> Any:
-        """A new connection to the backend (for a URL: ``retry=False`` fails at once when it is down)."""
-        import openeo
-
-        if self.block:
-            return self.load_block().get_connection()
-        return openeo.connect(self.target, retry=None if retry else False)
-
-    def authenticate(self, connection: Any) -> Any:
-        if not self.block and self.auth == Auth.basic:
-            connection.authenticate_basic(os.environ["OPENEO_USERNAME"], os.environ["OPENEO_PASSWORD"])
-        elif not self.block and self.auth == Auth.oidc:
-            connection.authenticate_oidc()
-        return connection
-
-    def keep(self, connection: Any) -> None:
-        with self._lock:
-            self._connection = connection
-
-    def connection(self) -> Any:
-        """The run's connection getter: the checked connection the first time, then new ones. They fail at
-        once when the backend is down (the run then retries it each sweep while the others go on); the run
-        makes them resilient (retries with backoff) once connected."""
-        with self._lock:
-            connection, self._connection = self._connection, None
-        return connection if connection is not None else self.authenticate(self.open(retry=False))
-
-
-def _backend_specs(values: list[str], auth: Auth) -> list[BackendSpec]:
-    """Every ``--backend``, checked without the network: names given once, http(s) URLs or block names,
-    and the credentials ``--auth basic`` needs."""
-    from urllib.parse import urlsplit
-
-    specs: dict[str, BackendSpec] = {}
-    for value in values:
-        name, sep, target = (part.strip() for part in value.partition("="))
-        if not sep or not name:
-            raise _fail(f"--backend must look like NAME=URL or NAME=block:BLOCK, got {value!r}")
-        if name in specs:
-            raise _fail(f"backend name {name!r} is given twice: every --backend needs a name of its own")
-        if not target:
-            raise _fail(f"backend {name!r} has an empty URL (--backend {name}=https://...)")
-        if target.startswith(BLOCK_PREFIX):
-            if not target[len(BLOCK_PREFIX) :].strip():
-                raise _fail(f"backend {name!r}: {BLOCK_PREFIX}NAME needs the name of an OpenEOBackend block")
-        else:
-            parts = urlsplit(target)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                hint = f" (did you mean https://{target}?)" if "://" not in target else ""
-                raise _fail(f"backend {name!r}: {target!r} is not an http:// or https:// URL{hint}")
-        specs[name] = BackendSpec(name, target, auth)
-    if auth == Auth.basic and any(not s.block for s in specs.values()):
-        missing = [v for v in ("OPENEO_USERNAME", "OPENEO_PASSWORD") if not os.environ.get(v)]
-        if missing:
-            raise _fail(f"--auth basic needs {' and '.join(missing)} in the environment")
-    return list(specs.values())
-
-
-@dataclass
-class _Probe:
-    """A check of one backend, under way in a thread."""
-
-    spec: BackendSpec
-    done: threading.Event = field(default_factory=threading.Event)
-    #: The backend answered (what remains is logging in, which may ask the user, e.g. OIDC).
-    reached: threading.Event = field(default_factory=threading.Event)
-    problem: str | None = None
-    #: The backend cannot be reached now: its jobs wait in its lane while the others go on.
-    down: str | None = None
-
-    def start(self) -> _Probe:
-        context = contextvars.copy_context()  # the Prefect API of this command (blocks)
-        threading.Thread(target=context.run, args=(self._check,), name=f"check-{self.spec.name}", daemon=True).start()
-        return self
-
-    def _check(self) -> None:
-        from openeo.rest import OpenEoApiError
-
-        from prefect_openeo.backends import is_transient
-
-        spec, where = self.spec, f"backend {self.spec.name!r} at {self.spec.target}"
-        try:
-            step = "load"
-            if spec.block:
-                spec.load_block()
-            step = "connect"
-            connection = spec.open(retry=False)
-            self.reached.set()
-            step = "login"
-            spec.authenticate(connection)
-            step = "connect"
-            if not connection.capabilities().api_version():
-                raise ValueError("no api_version in its capabilities")
-            spec.keep(connection)
-        except Exception as e:
-            if step == "load":
-                self.problem = f"{where}: cannot load the OpenEOBackend block: {e}"
-            elif is_transient(e):
-                self.down = f"{where} cannot be reached now ({type(e).__name__})"
-            elif step == "login" and isinstance(e, OpenEoApiError) and e.http_status_code in (401, 403):
-                self.problem = f"{where} rejects the credentials: {e.message}"
-            elif isinstance(e, OpenEoApiError) and e.http_status_code in (401, 403):
-                self.problem = f"{where} refuses access: {e.message}"
-            elif step == "login":
-                self.problem = f"{where}: logging in failed: {e}"
-            else:
-                self.problem = f"{where} is not an openEO API: {e}"
-        finally:
-            self.reached.set()
-            self.done.set()
-
-    def wait(self, deadline: float) -> None:
-        self.done.wait(max(0.0, deadline - time.monotonic()))
-        if not self.done.is_set() and self.reached.is_set():
-            self.done.wait()  # logging in may take the user's time (OIDC device flow)
-        if not self.done.is_set():
-            self.down = f"backend {self.spec.name!r} at {self.spec.target} did not answer within {PREFLIGHT_WAIT:g} s"
-
-
-def _check_backends(probes: list[_Probe]) -> None:
-    """Wait for the checks: a backend that is not openEO or rejects the credentials stops everything here
-    (exit 2); one that cannot be reached now does not (its jobs wait while the others go on)."""
-    deadline = time.monotonic() + PREFLIGHT_WAIT
-    problems = []
-    for probe in probes:
-        probe.wait(deadline)
-        if probe.problem:
-            problems.append(probe.problem)
-        elif probe.down and not probe.done.is_set():  # a backend found down: the run says so itself
-            console.print(f"[yellow]warning:[/] {probe.down}: its jobs wait while the other backends go on")
-    if problems:
-        raise _fail("\n".join(problems))
-
-
 @app.command(epilog=EXIT_CODES)
 def run(
     job_db: str = typer.Argument(..., help="Job database (path or SQLAlchemy URL)."),
@@ -465,7 +288,10 @@ def run(
     while the other backends work. Without PREFECT_API_URL, a temporary local Prefect server runs the flow
     (stopped at the end); Ctrl-C ends the flow run and stops it cleanly.
     """
-    specs = _backend_specs(backend, auth)
+    try:
+        specs = parse_backends(backend, auth)
+    except BackendSpecError as e:
+        raise _fail(str(e)) from e
     db = _open_db(job_db)
     rows = _read(db)
     _check_pinned(rows, [spec.name for spec in specs])
@@ -478,13 +304,13 @@ def run(
     try:
         needs_api = not local or any(spec.block for spec in specs)
         api = _prefect_api() if needs_api else None
-        probes = [_Probe(spec).start() for spec in specs if not spec.block]  # while the server starts
+        probes = [Probe(spec).start() for spec in specs if not spec.block]  # while the server starts
         if not local:
             import prefect_openeo.flows  # noqa: F401  (Prefect loads while its server starts)
         with terminal_logging(console, verbose):
             _api_ready(api)
             with api.use() if api is not None else contextlib.nullcontext():
-                probes += [_Probe(spec).start() for spec in specs if spec.block]
+                probes += [Probe(spec).start() for spec in specs if spec.block]
                 _check_backends(probes)
                 if local and api is not None:  # the blocks are loaded: no need for Prefect any longer
                     api.close(settled=True)
@@ -526,6 +352,16 @@ def run(
     finally:
         code = _close(api, settled, code)
     raise typer.Exit(code)
+
+
+def _check_backends(probes: list[Probe]) -> None:
+    """A backend that is not openEO or rejects the credentials stops everything here (exit 2); one that cannot
+    be reached now does not (its jobs wait while the others go on)."""
+    problems, silent = wait_for(probes)
+    for message in silent:
+        console.print(f"[yellow]warning:[/] {message}: its jobs wait while the other backends go on")
+    if problems:
+        raise _fail("\n".join(problems))
 
 
 def _check_pinned(df: Any, names: list[str]) -> None:
