@@ -1,165 +1,124 @@
 """The ``prefect-openeo`` command.
 
-Exit codes: 0 done (every row ended finished or skipped), 3 done but some rows ended in error,
-start_failed or canceled, 2 bad input (missing file, wrong format, unknown backend, bad option),
-1 the run itself failed, 130 interrupted (Ctrl-C; the job database is consistent, rerun to resume).
+Exit codes: 0 done (every row ended finished or skipped), 1 the run failed or stopped with rows unfinished
+(rerun to resume), 2 bad input (missing file, wrong format, bad option, a backend that is not openEO or
+rejects the credentials), 3 done but some rows ended in error, start_failed or canceled, 130 interrupted
+(Ctrl-C; the job database is consistent, rerun to resume).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from prefect_openeo.states import ALL as ALL_STATUSES
+from prefect_openeo.backend_checks import Auth, BackendSpecError, Probe, parse_backends, wait_for
 from prefect_openeo.states import TERMINAL
+from prefect_openeo.terminal import progress_bars, terminal_logging
 
 app = typer.Typer(help="Run thousands of openEO batch jobs with Prefect.", no_args_is_help=True)
 console = Console(soft_wrap=True)
 
 
-def _progress_watcher(
-    path: str | Path, total: int, stop: threading.Event, backends: list[str] | None = None
-) -> threading.Thread:
-    """Progress bars (all rows, and per backend) fed by the job database (written atomically, always whole)."""
-
-    def counts_of():
-        from prefect_openeo.jobdb import get_job_db
-
-        try:
-            df = get_job_db(path).get_by_status(statuses=list(ALL_STATUSES))
-        except Exception:
-            return None
-        return df
-
-    def watch() -> None:
-        with Progress(
-            TextColumn("[bold]{task.fields[label]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            bars = {None: progress.add_task("", total=total, label="all jobs")}
-            for name in backends or []:
-                bars[name] = progress.add_task("", total=None, label=name)
-            while True:
-                df = counts_of()
-                if df is not None:
-                    for name, bar in bars.items():
-                        part = df if name is None else df[df["backend_name"] == name]
-                        counts = part["status"].value_counts().to_dict()
-                        done = sum(v for k, v in counts.items() if k in TERMINAL)
-                        progress.update(
-                            bar,
-                            completed=done,
-                            description=_histogram(counts),
-                            total=total if name is None else max(1, len(part)),
-                        )
-                if stop.wait(0.5):
-                    break
-
-    thread = threading.Thread(target=watch, name="progress", daemon=True)
-    thread.start()
-    return thread
+EXIT_OK, EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_FAILED_ROWS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = (
+    "Exit codes: 0 every row finished (or was skipped); 1 the run failed or stopped with rows unfinished "
+    "(rerun to resume); 2 bad input (files, options, backends that are not openEO or reject the credentials); "
+    "3 done, but some rows ended error, start_failed or canceled; 130 interrupted by Ctrl-C (the job "
+    "database is consistent: rerun to resume)."
+)
+#: How long Ctrl-C waits for a run without Prefect to end its sweep (seconds).
+LOCAL_STOP_WAIT = 30.0
+VERBOSE_HELP = "Show Prefect's lines (one per task run) and INFO logs in the terminal too."
 
 
-def _histogram(counts: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-
-
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def demo(
     tiles: int = typer.Option(20, min=1, max=500, help="Number of tiles (jobs)."),
     output: Path = typer.Option(Path("demo-output"), help="Folder for the job database and results."),
     local: bool = typer.Option(False, "--local", help="Run the drop-in manager outside Prefect (no flow run)."),
     failure_rate: float = typer.Option(0.1, min=0.0, max=1.0, help="Fraction of simulated jobs that fail."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run ~20 NDVI jobs on two simulated openEO backends: no account, no network."""
-    from prefect_openeo.demo import create_ndvi_job, demo_tiles
-    from prefect_openeo.jobdb import create_job_db
-    from prefect_openeo.simulator import SimulatorConfig, simulated_backends
+    api = state = code = None
+    settled = True  # no thread of a run that may still talk to Prefect
+    try:
+        if not local:  # the Prefect server starts while the simulators and the job database get ready
+            api = _prefect_api()
+        from prefect_openeo.demo import create_ndvi_job, demo_tiles
+        from prefect_openeo.jobdb import create_job_db
+        from prefect_openeo.simulator import SimulatorConfig, simulated_backends
 
-    output.mkdir(parents=True, exist_ok=True)
-    db_path = output / "jobs.parquet"
-    if db_path.exists():
-        console.print(f"Resuming the job database at [bold]{db_path}[/] (delete the folder to start over)")
-    else:
-        create_job_db(db_path, demo_tiles(tiles))
-    config = SimulatorConfig(queue_duration=1.0, run_duration=3.0, jitter=0.3, capacity=3, failure_rate=failure_rate)
-    started = time.monotonic()
-    with simulated_backends(2, config) as (sim_a, sim_b):
-        console.print(f"Simulated backends: sim-a at {sim_a.url}, sim-b at {sim_b.url}")
-        stop = threading.Event()
-        watcher = _progress_watcher(db_path, tiles, stop)
-        backends = {"sim-a": sim_a.url, "sim-b": sim_b.url}
-        try:
-            if local:
-                stats = _run_local(db_path, backends, create_ndvi_job, output)
-            else:
-                os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-                from prefect_openeo.flows import run_openeo_jobs
+        output.mkdir(parents=True, exist_ok=True)
+        db_path = output / "jobs.parquet"
+        if db_path.exists():
+            console.print(f"Resuming the job database at [bold]{db_path}[/] (delete the folder to start over)")
+        else:
+            create_job_db(db_path, demo_tiles(tiles))
+        total = len(_read(_open_db(str(db_path))))
+        config = SimulatorConfig(
+            queue_duration=1.0, run_duration=3.0, jitter=0.3, capacity=3, failure_rate=failure_rate
+        )
+        with simulated_backends(2, config) as (sim_a, sim_b), terminal_logging(console, verbose):
+            console.print(f"Simulated backends: sim-a at {sim_a.url}, sim-b at {sim_b.url}")
+            backends = {"sim-a": sim_a.url, "sim-b": sim_b.url}
+            if not local:
+                import prefect_openeo.flows  # noqa: F401  (Prefect loads while its server starts)
+            _api_ready(api)
+            started = time.monotonic()
+            with progress_bars(console, db_path, total, list(backends)):
+                if local:
+                    manager = _local_manager(
+                        backends,
+                        parallel_jobs=3,
+                        poll_sleep=1,
+                        root_dir=output / "results",
+                    )
+                    _run_local(manager, create_ndvi_job, db_path)
+                else:
+                    settled = False
+                    state = _run_flow(
+                        api,
+                        job_db=str(db_path),
+                        backends=backends,
+                        start_job=create_ndvi_job,
+                        parallel_jobs=3,
+                        poll_sleep=1,
+                        root_dir=str(output / "results"),
+                    )
+                    settled = state.is_completed()
+            seconds = time.monotonic() - started
+            requests = sim_a.total_requests() + sim_b.total_requests()
+        df = _read(_open_db(str(db_path)))
+        _print_status(df)
+        _print_demo_summary(df, db_path, output, requests, seconds)
+        code = _outcome(df, None if local else state)
+        if api is not None:
+            _print_ui_hint(api, state.state_details.flow_run_id)
+    except KeyboardInterrupt:
+        console.print(f"Interrupted. The simulated backends (and their jobs) ended too: delete {output} to start over.")
+        code = EXIT_INTERRUPTED
+    finally:
+        code = _close(api, settled, code)
+    raise typer.Exit(code)
 
-                stats = run_openeo_jobs(
-                    job_db=str(db_path),
-                    backends=backends,
-                    start_job=create_ndvi_job,
-                    parallel_jobs=3,
-                    poll_sleep=1,
-                    root_dir=str(output / "results"),
-                )
-        finally:
-            stop.set()
-            watcher.join(5)
-        requests = sim_a.total_requests() + sim_b.total_requests()
-    _print_summary(db_path, output, stats, requests, time.monotonic() - started)
 
-
-def _run_local(db_path: Path, backends: dict, start_job, output: Path) -> dict:
-    import openeo
-
-    from prefect_openeo import MultiBackendJobManager
-
-    manager = MultiBackendJobManager(poll_sleep=1, root_dir=output / "results")
-    for name, url in backends.items():
-        manager.add_backend(name, connection=openeo.connect(url), parallel_jobs=3)
-    return manager.run_jobs(job_db=db_path, start_job=start_job)
-
-
-def _print_summary(db_path: Path, output: Path, stats: dict, requests: int, seconds: float) -> None:
-    from prefect_openeo.jobdb import get_job_db
-
-    df = get_job_db(db_path).read()
-    table = Table(title="openEO jobs by status and backend")
-    statuses = sorted(df["status"].unique())
-    table.add_column("backend")
-    for status in statuses:
-        table.add_column(status, justify="right")
-    for backend, group in df.groupby(df["backend_name"].fillna("(none)")):
-        counts = group["status"].value_counts()
-        table.add_row(str(backend), *(str(int(counts.get(s, 0))) for s in statuses))
-    console.print(table)
+def _print_demo_summary(df: Any, db_path: Path, output: Path, requests: int, seconds: float) -> None:
     results = output / "results"
     n_results = len(list(results.glob("job_*/job-results.json"))) if results.exists() else 0
-    console.print(f"Job database: [bold]{db_path}[/]")
-    console.print(f"Results: [bold]{results}[/] ({n_results} jobs downloaded)")
     console.print(
-        f"{len(df)} rows in {seconds:.1f} s, {requests} backend requests "
-        f"({requests / max(1, len(df)):.1f} per job); stats: {dict(stats)}"
+        f"{len(df)} jobs in {seconds:.1f} s, {requests} backend requests ({requests / max(1, len(df)):.1f} per job)"
     )
-
-
-EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 3, 2, 1, 130
+    console.print(f"Job database: [bold]{db_path}[/] (see it with `prefect-openeo status {db_path}`)")
+    console.print(f"Results: [bold]{results}[/] ({n_results} jobs downloaded)")
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -301,7 +260,7 @@ def _parse_value(value: str) -> Any:
         return value
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def run(
     job_db: str = typer.Argument(..., help="Job database (path or SQLAlchemy URL)."),
     backend: list[str] = typer.Option(
@@ -316,103 +275,230 @@ def run(
     download: bool = typer.Option(True, help="Download results of finished jobs."),
     cancel_after: int = typer.Option(None, help="Cancel jobs running longer than this (seconds)."),
     retry_failed: int = typer.Option(0, min=0, help="Retries per row that ends in error or start_failed."),
-    auth: str = typer.Option("none", help="Authentication: none, basic (OPENEO_USERNAME/OPENEO_PASSWORD), oidc."),
+    auth: Auth = typer.Option(
+        Auth.none, help="Authentication with URL backends: basic (OPENEO_USERNAME/OPENEO_PASSWORD) or oidc."
+    ),
     local: bool = typer.Option(False, "--local", help="Run without Prefect (no flow run)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
-    """Run the job database's jobs until every row ended, with a live progress bar per backend."""
-    import openeo
+    """Run the job database's jobs until every row ended, with a live progress bar per backend.
 
-    from prefect_openeo import MultiBackendJobManager
-    from prefect_openeo.flows import BLOCK_PREFIX, load_block, load_callable
-
-    backends = _pairs(backend, "--backend")
+    Every backend is checked first (in parallel): one that is not an openEO API or rejects the credentials
+    stops the command before anything starts; one that is down now only gets a warning, and its jobs wait
+    while the other backends work. Without PREFECT_API_URL, a temporary local Prefect server runs the flow
+    (stopped at the end); Ctrl-C ends the flow run and stops it cleanly.
+    """
+    try:
+        specs = parse_backends(backend, auth)
+    except BackendSpecError as e:
+        raise _fail(str(e)) from e
     db = _open_db(job_db)
-    _read(db)
+    rows = _read(db)
+    _check_pinned(rows, [spec.name for spec in specs])
+    total = len(rows)
+    callback = _job_callback(start_job, process_id, namespace)
+    if retry_failed and not local:
+        raise _fail("--retry-failed needs --local for now: the run_openeo_jobs flow does not take it yet")
+    api = state = code = None
+    settled = True  # no thread of a run that may still talk to Prefect
+    try:
+        needs_api = not local or any(spec.block for spec in specs)
+        api = _prefect_api() if needs_api else None
+        probes = [Probe(spec).start() for spec in specs if not spec.block]  # while the server starts
+        if not local:
+            import prefect_openeo.flows  # noqa: F401  (Prefect loads while its server starts)
+        with terminal_logging(console, verbose):
+            _api_ready(api)
+            with api.use() if api is not None else contextlib.nullcontext():
+                probes += [Probe(spec).start() for spec in specs if spec.block]
+                _check_backends(probes)
+                if local and api is not None:  # the blocks are loaded: no need for Prefect any longer
+                    api.close(settled=True)
+                    api = None
+                with progress_bars(console, job_db, total, [spec.name for spec in specs]):
+                    if local:
+                        manager = _local_manager(
+                            {spec.name: spec.connection for spec in specs},
+                            parallel_jobs=parallel_jobs,
+                            poll_sleep=poll_sleep,
+                            root_dir=root_dir,
+                            download_results=download,
+                            cancel_running_job_after=cancel_after,
+                            retry_failed_jobs=retry_failed,
+                        )
+                        _run_local(manager, callback, db)
+                    else:
+                        settled = False
+                        state = _run_flow(
+                            api,
+                            job_db=db,
+                            backends={spec.name: spec.connection for spec in specs},
+                            start_job=callback,
+                            parallel_jobs=parallel_jobs,
+                            poll_sleep=poll_sleep,
+                            root_dir=str(root_dir),
+                            download_results=download,
+                            cancel_running_job_after=cancel_after,
+                        )
+                        settled = state.is_completed()
+        df = _read(db)
+        _print_status(df)
+        code = _outcome(df, state)
+        if state is not None:
+            _print_ui_hint(api, state.state_details.flow_run_id)
+    except KeyboardInterrupt:
+        console.print("Interrupted: the job database is consistent; run the same command again to resume.")
+        code = EXIT_INTERRUPTED
+    finally:
+        code = _close(api, settled, code)
+    raise typer.Exit(code)
+
+
+def _check_backends(probes: list[Probe]) -> None:
+    """A backend that is not openEO or rejects the credentials stops everything here (exit 2); one that cannot
+    be reached now does not (its jobs wait while the others go on)."""
+    problems, silent = wait_for(probes)
+    for message in silent:
+        console.print(f"[yellow]warning:[/] {message}: its jobs wait while the other backends go on")
+    if problems:
+        raise _fail("\n".join(problems))
+
+
+def _check_pinned(df: Any, names: list[str]) -> None:
+    """Unfinished rows that name a backend must name one of ``--backend`` (they would wait forever)."""
+    if "backend_name" not in df.columns:
+        return
+    pinned = df.loc[~df["status"].isin(TERMINAL), "backend_name"].dropna()
+    unknown = pinned[(pinned != "") & ~pinned.isin(names)]
+    if not unknown.empty:
+        raise _fail(
+            f"{len(unknown)} unfinished row(s) name backend(s) {', '.join(sorted(set(unknown)))} (e.g. row "
+            f"{unknown.index[0]}), not given with --backend (given: {', '.join(names)})"
+        )
+
+
+def _job_callback(start_job: str | None, process_id: str | None, namespace: str | None) -> Any:
+    from prefect_openeo.flows import load_callable
+
     if bool(start_job) == bool(process_id):
         raise _fail("give either --start-job module:function or --process-id (with --namespace)")
     if process_id:
         from openeo.extra.job_management.process_based import ProcessBasedJobCreator
 
-        callback = ProcessBasedJobCreator(process_id=process_id, namespace=namespace)
-    else:
-        try:
-            callback = load_callable(start_job)
-        except ValueError as e:
-            raise _fail(str(e)) from e
-
-    def connector(url: str):
-        if url.startswith(BLOCK_PREFIX):  # an OpenEOBackend block saved on the Prefect server
-            return load_block(url).get_connection
-
-        def make():
-            connection = openeo.connect(url)
-            if auth == "basic":
-                connection.authenticate_basic(os.environ.get("OPENEO_USERNAME"), os.environ.get("OPENEO_PASSWORD"))
-            elif auth == "oidc":
-                connection.authenticate_oidc()
-            return connection
-
-        return make
-
-    total = len(_read(db))
-    stop = threading.Event()
-    watcher = _progress_watcher(job_db, total, stop, backends=list(backends))
+        return ProcessBasedJobCreator(process_id=process_id, namespace=namespace)
     try:
-        if local:
-            manager = MultiBackendJobManager(
-                poll_sleep=poll_sleep,
-                root_dir=root_dir,
-                download_results=download,
-                cancel_running_job_after=cancel_after,
-                retry_failed_jobs=retry_failed,
-            )
-            for name, url in backends.items():
-                manager.add_backend(name, connection=connector(url), parallel_jobs=parallel_jobs)
-            manager.start_job_thread(start_job=callback, job_db=db)
-            try:
-                while manager._thread.is_alive():
-                    manager._thread.join(0.2)
-            except KeyboardInterrupt:
-                manager.stop_job_thread(timeout_seconds=2 * poll_sleep + 30)
-                raise
-            stats = dict(manager.stats)
-        else:
-            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            from prefect_openeo.flows import run_openeo_jobs
+        return load_callable(start_job)
+    except ValueError as e:
+        raise _fail(str(e)) from e
 
-            state = run_openeo_jobs(
-                job_db=db,
-                backends={name: connector(url) for name, url in backends.items()},
-                start_job=callback,
-                parallel_jobs=parallel_jobs,
-                poll_sleep=poll_sleep,
-                root_dir=str(root_dir),
-                download_results=download,
-                cancel_running_job_after=cancel_after,
-                return_state=True,
-            )
-            if not state.is_completed():
-                stop.set()
-                watcher.join(5)
-                try:
-                    state.result()
-                except Exception as e:
-                    raise _fail(f"the run failed: {e}", EXIT_RUN_FAILED) from e
-                raise _fail(f"the run ended {state.name}", EXIT_RUN_FAILED)
-            stats = state.result()
+
+def _prefect_api() -> Any:
+    """The Prefect API of this command; a temporary server starts now (in its own session)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect_openeo.prefect_server import PrefectApi
+
+    return PrefectApi().start()
+
+
+def _api_ready(api: Any) -> None:
+    """Wait until the Prefect API answers (exit 1 when it does not)."""
+    if api is None:
+        return
+    from prefect_openeo.prefect_server import PrefectApiError
+
+    try:
+        if api.temporary:
+            with console.status("Starting a temporary Prefect server (set PREFECT_API_URL to use yours)"):
+                api.wait_ready()
+        else:
+            api.wait_ready()
+    except PrefectApiError as e:
+        raise _fail(str(e), EXIT_RUN_FAILED) from e
+
+
+def _local_manager(connections: dict[str, Any], *, parallel_jobs: int, **options: Any) -> Any:
+    import openeo
+
+    from prefect_openeo import MultiBackendJobManager
+
+    manager = MultiBackendJobManager(**options)
+    for name, connection in connections.items():
+        if isinstance(connection, str):
+            url = connection
+            connection = lambda url=url: openeo.connect(url)  # noqa: E731
+        manager.add_backend(name, connection=connection, parallel_jobs=parallel_jobs)
+    return manager
+
+
+def _run_local(manager: Any, callback: Any, job_db: Any) -> None:
+    """The drop-in manager in its thread, until it ends; Ctrl-C lets it end its sweep first."""
+    manager.start_job_thread(start_job=callback, job_db=job_db)
+    try:
+        while manager._thread.is_alive():
+            manager._thread.join(0.2)
     except KeyboardInterrupt:
-        stop.set()
-        watcher.join(5)
-        console.print("Interrupted: the job database is consistent; run the same command again to resume.")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    finally:
-        stop.set()
-        watcher.join(5)
-    _print_status(_read(db))
-    console.print(f"Run stats: {stats}")
-    failed = _read(db)["status"].isin(["error", "start_failed", "canceled"]).sum()
+        manager.stop_job_thread(timeout_seconds=LOCAL_STOP_WAIT)
+        raise
+
+
+def _run_flow(api: Any, **parameters: Any) -> Any:
+    """The ``run_openeo_jobs`` flow, on the command's Prefect API; its final state. On a configured server,
+    the flow run's page in the UI is given as soon as it runs."""
+    from prefect_openeo.flows import run_openeo_jobs
+    from prefect_openeo.prefect_server import flow_run_url
+
+    def running(flow: Any, flow_run: Any, state: Any) -> None:
+        if not api.temporary:
+            console.print(f"Watch this run in the Prefect UI: {flow_run_url(flow_run.id)}")
+
+    with api.use():
+        return run_openeo_jobs.with_options(on_running=[running])(**parameters, return_state=True)
+
+
+def _outcome(df: Any, state: Any = None) -> int:
+    """The exit code of a run that ended, with a line that says why when it is not 0."""
+    unfinished = int((~df["status"].isin(TERMINAL)).sum())
+    if state is not None and not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        reason = error if isinstance(error, BaseException) else state.message or state.name
+        console.print(f"[bold red]error:[/] the run failed: {reason}")
+        return EXIT_RUN_FAILED
+    if unfinished:
+        console.print(
+            f"[bold red]error:[/] the run stopped with {unfinished} row(s) unfinished: "
+            "run the same command again to resume"
+        )
+        return EXIT_RUN_FAILED
+    failed = int(df["status"].isin(["error", "start_failed", "canceled"]).sum())
     if failed:
-        raise typer.Exit(EXIT_FAILED_ROWS)
+        console.print(f"{failed} row(s) ended error, start_failed or canceled: see `prefect-openeo status`")
+        return EXIT_FAILED_ROWS
+    return EXIT_OK
+
+
+def _close(api: Any, settled: bool, code: int | None = None) -> int | None:
+    """Close the command's Prefect API (see ``PrefectApi.close``); a second Ctrl-C meanwhile still exits 130."""
+    try:
+        if api is not None:
+            api.close(settled=settled)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code
+
+
+def _print_ui_hint(api: Any, flow_run_id: Any) -> None:
+    """Where to see the flow run in the Prefect UI (a temporary server's runs are in Prefect's database)."""
+    from prefect_openeo.prefect_server import flow_run_url
+
+    if api is None or flow_run_id is None:
+        return
+    if api.temporary:
+        console.print(
+            "See this run in the Prefect UI: start a server with `prefect server start`, then open "
+            f"{flow_run_url(flow_run_id)}"
+        )
+    else:
+        console.print(f"See this run in the Prefect UI: {flow_run_url(flow_run_id)}")
 
 
 def _print_status(df) -> dict:

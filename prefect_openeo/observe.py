@@ -5,6 +5,8 @@ markdown summary with links to the downloaded results.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import logging
 import re
 import tempfile
@@ -96,7 +98,12 @@ def all_rows(job_db: JobDatabaseInterface) -> pd.DataFrame:
 
 
 class PrefectObserver(Observer):
-    """Feeds the UI of the current flow run from the engine's sweeps."""
+    """Feeds the UI of the current flow run from the engine's sweeps.
+
+    The API calls go through one reporter thread, in order, never on the sweep's critical path: a Prefect
+    server on SQLite answers some of them ``503`` (database locked), which its client retries after seconds.
+    ``run_done`` waits for the reporter before the run's summary.
+    """
 
     def __init__(self, manager: MultiBackendJobManager):
         context = FlowRunContext.get()
@@ -108,8 +115,16 @@ class PrefectObserver(Observer):
         self._progress_id = None
         self._last_histogram: dict | None = None
         self._key = artifact_key(f"openeo-jobs-{context.flow.name if context else 'run'}")
+        self._reporter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefect-openeo-reporter")
+
+    def _later(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` in the reporter thread, in the caller's context (settings, flow run)."""
+        self._reporter.submit(contextvars.copy_context().run, fn, *args)
 
     def row_status(self, index: Any, row: pd.Series, status: str) -> None:
+        self._later(self._row_status, index, row.copy(), status)
+
+    def _row_status(self, index: Any, row: pd.Series, status: str) -> None:
         message = row.get("message") if hasattr(row, "get") else None
         state = prefect_state(status, message if isinstance(message, str) else None)
         self._emit(index, row, status)
@@ -169,6 +184,14 @@ class PrefectObserver(Observer):
         done = sum(v for k, v in histogram.items() if k in TERMINAL)
         progress = 100.0 * done / total if total else 100.0
         try:
+            table = status_table(all_rows(job_db))
+        except Exception as e:
+            _log.warning(f"Could not update artifacts: {e!r}")
+            return
+        self._later(self._artifacts, progress, table)
+
+    def _artifacts(self, progress: float, table: list[dict]) -> None:
+        try:
             if self._progress_id is None:
                 self._progress_id = create_progress_artifact(
                     progress=progress, key=f"{self._key}-progress", description="Rows ended / all rows"
@@ -176,7 +199,7 @@ class PrefectObserver(Observer):
             else:
                 update_progress_artifact(self._progress_id, progress)
             create_table_artifact(
-                table=status_table(all_rows(job_db)),
+                table=table,
                 key=f"{self._key}-status",
                 description="openEO job rows by backend and status (refreshed each sweep)",
             )
@@ -186,6 +209,9 @@ class PrefectObserver(Observer):
     def run_done(self, job_db: JobDatabaseInterface, stats: dict, problems: dict) -> None:
         try:
             self.sweep_done(job_db, stats)
+        finally:
+            self._reporter.shutdown(wait=True)  # the UI's last updates before the summary
+        try:
             rows = all_rows(job_db)
             create_markdown_artifact(
                 markdown=summary_markdown(self.manager, rows, stats, problems),

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
+from prefect_openeo.prefect_server import free_port, healthy
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "local_prefect_server"]
 
 
 @contextlib.contextmanager
@@ -24,8 +20,6 @@ def local_prefect_server(
 ) -> Iterator[tuple[str, dict[str, str]]]:
     """``prefect server start`` on 127.0.0.1 with its home (and SQLite database, unless ``extra_env`` names
     another) in ``home``; yields the API URL and the environment for clients (``PREFECT_API_URL`` set)."""
-    import httpx
-
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
@@ -43,11 +37,8 @@ def local_prefect_server(
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"prefect server exited: {proc.stderr.read().decode()[-3000:]}")
-            try:
-                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if healthy(api_url):
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"prefect server did not become healthy in {timeout:.0f} s")
             time.sleep(0.5)

@@ -17,7 +17,11 @@ from typer.testing import CliRunner
 from prefect_openeo.cli import app
 from prefect_openeo.report import STATUS_COLORS
 
-pytestmark = pytest.mark.timeout(120)
+# A thread of the command that dies (e.g. the progress bars') fails the test.
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 runner = CliRunner()
 
 
@@ -146,7 +150,7 @@ def test_run_bad_inputs(tmp_path, openeo_simulator):
     no_callback = invoke("run", db, "--backend", f"sim={openeo_simulator.url}")
     assert no_callback.exit_code == 2 and "--start-job" in no_callback.output
     bad_backend = invoke("run", db, "--backend", "sim", "--start-job", "m:f")
-    assert bad_backend.exit_code == 2 and "NAME=VALUE" in bad_backend.output
+    assert bad_backend.exit_code == 2 and "NAME=URL" in bad_backend.output
     bad_import = invoke("run", db, "--backend", f"sim={openeo_simulator.url}", "--start-job", "nope:f", "--local")
     assert bad_import.exit_code == 2 and "Cannot import start_job" in bad_import.output
 
@@ -166,54 +170,6 @@ def test_the_installed_command_runs(tmp_path):
         timeout=60,
     )
     assert out.returncode == 2 and "does not exist" in out.stdout
-
-
-def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(area, tmp_path, openeo_simulator):
-    import signal
-    import time
-
-    db = tmp_path / "jobs.parquet"
-    assert invoke("init", area, db, "--tile-size", "1500", "-c", "year=2024").exit_code == 0
-    n = len(gpd.read_parquet(db))
-    openeo_simulator.config.run_duration = 60
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefect_openeo.cli",
-        "run",
-        str(db),
-        "--backend",
-        f"sim={openeo_simulator.url}",
-        "--start-job",
-        "prefect_openeo.demo:create_ndvi_job",
-        "--poll-sleep",
-        "0.2",
-        "--local",
-        "--parallel-jobs",
-        "3",
-        "--root-dir",
-        str(tmp_path / "results"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (gpd.read_parquet(db)["status"] == "running").any():
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out + err
-    assert "Interrupted: the job database is consistent" in out
-    df = gpd.read_parquet(db)
-    assert len(df) == n and set(df["status"]) <= {"running", "queued", "not_started", "created", "queued_for_start"}
-
-    openeo_simulator.config.run_duration = 0.3
-    for job in openeo_simulator.jobs():  # the interrupted run's jobs end now
-        openeo_simulator.set_status(job["id"], "finished")
-    rerun = subprocess.run(
-        [*cmd[:-4], "--root-dir", str(tmp_path / "results")], capture_output=True, text=True, timeout=120
-    )
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert set(gpd.read_parquet(db)["status"]) == {"finished"}
-    assert openeo_simulator.created_count() == n  # the jobs of the interrupted run were tracked, not created again
 
 
 @pytest.mark.usefixtures("prefect_api")
