@@ -139,10 +139,14 @@ def _open_db(job_db: str, *, must_exist: bool = True):
 
 
 def _read(db) -> Any:
+    """The whole job database, checked to be one (exit 2 with what is wrong, e.g. a table without 'status')."""
     from prefect_openeo.jobdb import JobDatabaseError
+    from prefect_openeo.jobdb.files import check_job_frame, normalize_job_frame
 
     try:
-        return db.read()
+        df = db.read()
+        check_job_frame(df, source=str(getattr(db, "path", db)))
+        return normalize_job_frame(df)
     except JobDatabaseError as e:
         raise _fail(str(e)) from e
 
@@ -271,7 +275,9 @@ def run(
     namespace: str = typer.Option(None, help="Namespace (e.g. URL) of --process-id."),
     parallel_jobs: int = typer.Option(2, min=1, help="Jobs active at once per backend."),
     poll_sleep: float = typer.Option(60, min=0, help="Seconds between sweeps."),
-    root_dir: Path = typer.Option(Path("."), help="Folder for results (job_{id}/)."),
+    root_dir: str = typer.Option(
+        ".", help="Where results go (job_{id}/): a folder, or an object-store URL such as s3://bucket/prefix."
+    ),
     download: bool = typer.Option(True, help="Download results of finished jobs."),
     cancel_after: int = typer.Option(None, help="Cancel jobs running longer than this (seconds)."),
     retry_failed: int = typer.Option(0, min=0, help="Retries per row that ends in error or start_failed."),
@@ -336,7 +342,7 @@ def run(
                             start_job=callback,
                             parallel_jobs=parallel_jobs,
                             poll_sleep=poll_sleep,
-                            root_dir=str(root_dir),
+                            root_dir=root_dir,
                             download_results=download,
                             cancel_running_job_after=cancel_after,
                         )
@@ -666,6 +672,65 @@ def catalog(
     for index, job_id, why in report.left_out[:20]:
         console.print(f"[yellow]warning:[/] row {index} (job {job_id}) is recorded with results but left out: {why}")
     console.print(f"STAC collection: [bold]{report.location}[/] ({report.items} item(s), {report.written} written now)")
+
+
+@app.command()
+def download(
+    job_db: str = typer.Argument(..., help="Job database (path or SQLAlchemy URL)."),
+    backend: list[str] = typer.Option(
+        ..., "--backend", "-b", help="NAME=URL of the backend the rows ran on, or NAME=block:BLOCK."
+    ),
+    root_dir: str = typer.Option(
+        ".", help="Where results go (job_{id}/): a folder, or an object-store URL such as s3://bucket/prefix."
+    ),
+    missing: bool = typer.Option(
+        False, "--missing", help="Only rows whose results are not recorded done (pending, failed, gone, unknown)."
+    ),
+    per_second: float = typer.Option(2.0, min=0.01, help="Downloads started per second, at most (4 at once)."),
+    auth: Auth = typer.Option(
+        Auth.none, help="Authentication with URL backends: basic (OPENEO_USERNAME/OPENEO_PASSWORD) or oidc."
+    ),
+) -> None:
+    """Download the results of finished rows on request, recording each row's results state (done, failed,
+    gone) in the job database, as a run does. Exit 3 when some could not be downloaded."""
+    from prefect_openeo.storage import StorageError
+
+    try:
+        specs = parse_backends(backend, auth)
+    except BackendSpecError as e:
+        raise _fail(str(e)) from e
+    db = _open_db(job_db)
+    _read(db)
+    api = _prefect_api() if any(spec.block for spec in specs) else None
+    code = EXIT_OK
+    try:
+        _api_ready(api)
+        with api.use() if api is not None else contextlib.nullcontext():
+            _check_backends([Probe(spec).start() for spec in specs])
+            try:
+                manager = _local_manager(
+                    {spec.name: spec.connection for spec in specs}, parallel_jobs=1, root_dir=root_dir
+                )
+                with console.status("Downloading results"):
+                    outcomes = manager.fetch_results(db, missing=missing, per_second=per_second)
+            except StorageError as e:
+                raise _fail(str(e)) from e
+        table = Table(title="Result downloads")
+        for column in ("done", "failed", "gone", "skipped"):
+            table.add_column(column, justify="right")
+        table.add_row(*(str(outcomes.get(c, 0)) for c in ("done", "failed", "gone", "skipped")))
+        console.print(table)
+        if outcomes.get("skipped"):
+            console.print(f"{outcomes['skipped']} row(s) ran on backends not given with --backend: left as they were")
+        if outcomes.get("failed") or outcomes.get("gone"):
+            console.print("Rows whose results could not be downloaded say why: see `prefect-openeo status`")
+            code = EXIT_FAILED_ROWS
+    except KeyboardInterrupt:
+        console.print("Interrupted: the results downloaded so far are recorded; run again with --missing.")
+        code = EXIT_INTERRUPTED
+    finally:
+        code = _close(api, True, code)
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
