@@ -582,11 +582,15 @@ def retry(
     if rows.empty:
         console.print("No rows to reset.")
         return
-    for column in ("id", "start_time", "running_start_time", "create_token", "message", "retry_after"):
+    # A start_failed row keeps its creation token: its job may exist after all (the backend created it, the
+    # answer was lost), so the next run searches the backend's listing for it before creating another one.
+    keep_token = rows["status"] == "start_failed"
+    for column in ("id", "start_time", "running_start_time", "message", "retry_after", "results", "retry_count"):
         if column in rows.columns:
             rows[column] = None
-    if "retry_count" in rows.columns:
-        rows["retry_count"] = None
+    for column in ("create_token", "planned_backend"):
+        if column in rows.columns:
+            rows[column] = rows[column].where(keep_token, None)
     rows["status"] = "not_started"
     db.persist(rows)
     console.print(f"Reset {len(rows)} row(s) to not_started: {', '.join(map(str, rows.index[:20]))}")

@@ -513,3 +513,28 @@ def test_one_run_at_a_time_on_a_local_file_job_database(openeo_simulator, tmp_pa
     stats = manager_for(openeo_simulator, root_dir=tmp_path / "root").run_jobs(job_db=db_path, start_job=ndvi_job)
     assert stats["job finished"] + stats.get("job adopted", 0) >= 1  # the lock went with the first run
     assert set(pd.read_csv(db_path)["status"]) == {"finished"} and openeo_simulator.created_count() == 2
+
+
+def test_retrying_a_start_failed_row_adopts_its_job_if_it_exists(openeo_simulator, tmp_path):
+    """start_job raised after the backend had created the job (a lost answer, say): `retry` keeps the row's
+    token, so the next run finds that job instead of creating a second one."""
+    from typer.testing import CliRunner
+
+    from prefect_openeo.cli import app
+
+    df = tiles_df(2)
+    job_id = orphan_job(openeo_simulator, df.loc[0], "poj-0000000000dd", start=False)
+    df["status"] = ["start_failed", "not_started"]
+    df["create_token"], df["planned_backend"] = ["poj-0000000000dd", None], ["sim", None]
+    df["backend_name"], df["message"] = ["sim", None], ["start_job raised ReadTimeout()", None]
+    create_job_db(tmp_path / "jobs.csv", df)
+    result = CliRunner().invoke(app, ["retry", str(tmp_path / "jobs.csv"), "--status", "start_failed"])
+    assert result.exit_code == 0, result.output
+    reset = pd.read_csv(tmp_path / "jobs.csv")
+    assert reset.loc[0, "status"] == "not_started" and reset.loc[0, "create_token"] == "poj-0000000000dd"
+    stats = manager_for(openeo_simulator, root_dir=tmp_path / "root").run_jobs(
+        job_db=tmp_path / "jobs.csv", start_job=ndvi_job
+    )
+    out = pd.read_csv(tmp_path / "jobs.csv")
+    assert list(out["status"]) == ["finished", "finished"] and out.loc[0, "id"] == job_id
+    assert stats["job adopted"] == 1 and openeo_simulator.created_count() == 2
