@@ -197,6 +197,7 @@ class LocalRows:
 
     def pending_downloads(self, backends: Iterable[str] = ()) -> int:
         names = list(backends)
+
         def owed(df: pd.DataFrame) -> pd.Series:
             mask = owed_results_mask(df)
             return mask & df["backend_name"].isin(names) if names and mask.any() else mask
