@@ -272,6 +272,7 @@ def test_two_flow_runs_share_a_backends_global_concurrency_limit(openeo_simulato
     import os
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
     from prefect.client.orchestration import get_client
@@ -287,10 +288,21 @@ def test_two_flow_runs_share_a_backends_global_concurrency_limit(openeo_simulato
         path = tmp_path / f"jobs{n}.csv"
         create_job_db(path, tiles_df(5))
         dbs.append(path)
+    go = tmp_path / "go"
     runs = [
-        subprocess.Popen([sys.executable, str(worker), str(db), openeo_simulator.url], env=env, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, str(worker), str(db), openeo_simulator.url, str(tmp_path / "results"), str(go)],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
         for db in dbs
     ]
+    # Both start their flow runs at the same moment, however long Prefect takes to import on a loaded machine.
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.*.ready"))) < 2 and time.monotonic() < deadline:
+        assert all(run.poll() is None for run in runs), "a worker ended before it was ready"
+        time.sleep(0.05)
+    go.touch()
     for run in runs:
         _, err = run.communicate(timeout=240)
         assert run.returncode == 0, err.decode()[-3000:]
