@@ -619,20 +619,25 @@ def aws_storage_options(credentials: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _explain(url: str, error: Exception) -> StorageError:
-    """A clear message for a store that refused a write."""
+def storage_problem(error: Exception) -> str | None:
+    """What an object store's refusal means for a user and what to do, when that is known (shared with the job
+    databases); None otherwise."""
     text = f"{type(error).__name__}: {error}"
     if type(error).__name__ == "NoCredentialsError":
-        hint = (
+        return (
             "no credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), pass "
             "storage_options={'key': ..., 'secret': ...}, or a prefect-aws AwsCredentials/S3Bucket block"
         )
-    elif isinstance(error, TypeError):
-        hint = f"its storage_options were refused ({text})"
-    elif isinstance(error, FileNotFoundError):
-        hint = f"the bucket does not exist ({text})"
-    elif isinstance(error, PermissionError):
-        hint = f"access denied: check the credentials and their permissions ({text})"
-    else:
-        hint = f"cannot write there ({text})"
+    if isinstance(error, TypeError):
+        return f"its storage_options were refused ({text})"
+    if isinstance(error, FileNotFoundError):
+        return f"the bucket does not exist ({text})"
+    if isinstance(error, PermissionError):
+        return f"access denied: check the credentials and their permissions ({text})"
+    return None
+
+
+def _explain(url: str, error: Exception) -> StorageError:
+    """A clear message for a store that refused a write."""
+    hint = storage_problem(error) or f"cannot write there ({type(error).__name__}: {error})"
     return StorageError(f"Results location {url!r}: {hint}")

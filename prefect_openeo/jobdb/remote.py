@@ -346,16 +346,7 @@ def _open(url: str, storage_options: Any) -> tuple[Any, _S3Object | _FsspecObjec
 
 def _explain(url: str, action: str, error: Exception) -> JobDatabaseError:
     """A clear message for an object that could not be read or written."""
-    text = f"{type(error).__name__}: {error}"
-    if type(error).__name__ == "NoCredentialsError":
-        hint = (
-            "no credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or open it "
-            "with get_job_db(url, storage_options={'key': ..., 'secret': ...}) or a prefect-aws credentials block"
-        )
-    elif isinstance(error, PermissionError):
-        hint = f"access denied: check the credentials and their permissions ({text})"
-    elif isinstance(error, FileNotFoundError):
-        hint = f"the bucket does not exist ({text})"
-    else:
-        hint = text
+    from prefect_openeo.storage import storage_problem
+
+    hint = storage_problem(error) or f"{type(error).__name__}: {error}"
     return JobDatabaseError(f"Job database {url!r} cannot be {action}: {hint}")
