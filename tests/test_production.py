@@ -483,6 +483,23 @@ def test_fan_out_checks(tmp_path):
     check_pool_room(5, free, pool)
 
 
+def test_storage_credentials_in_root_dir_are_refused(production, pg_database):
+    """The S3 keys belong to the worker's environment: a root_dir URL with one in it is refused before a flow
+    run is created, saying where they go instead."""
+    from prefect_openeo.flows import PlainSecretError, run_openeo_jobs
+
+    with production.client() as client:
+        before = len(client.read_flow_runs(limit=200))
+        with pytest.raises(PlainSecretError, match="root_dir is a URL with a secret in it.*AWS_ACCESS_KEY_ID"):
+            run_openeo_jobs(
+                job_db=pg_database,
+                backends={"local": "http://127.0.0.1:9"},
+                start_job="prefect_openeo.demo:create_ndvi_job",
+                root_dir="s3://AKIAEXAMPLE:example-secret@bucket/results",
+            )
+        assert len(client.read_flow_runs(limit=200)) == before
+
+
 def test_fan_out_outside_a_deployment_run_is_refused(production, pg_database, s3_server):
     from prefect_openeo.fanout import FanOutError
     from prefect_openeo.flows import run_openeo_jobs
