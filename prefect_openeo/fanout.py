@@ -123,10 +123,12 @@ def _message(run: Any) -> str:
     return ((run.state.message if run.state else None) or "no message").strip().splitlines()[0][:300]
 
 
-def fan_out(workers: int, job_db: str, poll_seconds: float) -> Any:
+def fan_out(workers: int, job_db: str, root_dir: str, download_results: bool, poll_seconds: float) -> Any:
     """In a deployment's flow run: start ``workers`` flow runs of the deployment on its work pool, wait until
-    they all ended, and return the coordinator's final state (``outcome``). Raises ``FanOutError`` before
-    starting any when the flow run is not a deployment run or the pool could never run them all at once."""
+    they all ended, rewrite the results' STAC collection once from the job database (each worker rewrote it
+    at its own end, so the last one written may lack rows another worker finished meanwhile), and return the
+    coordinator's final state (``outcome``). Raises ``FanOutError`` before starting any when the flow run is
+    not a deployment run or the pool could never run them all at once."""
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
@@ -162,6 +164,8 @@ def fan_out(workers: int, job_db: str, poll_seconds: float) -> Any:
             started.append(run.id)
             logger.info(f"Started worker flow run {run.name!r} ({run.id}) on work pool {deployment.work_pool_name!r}")
         runs = wait_for_runs(client, started, poll_seconds, logger)
+    if download_results:
+        _update_catalog(job_db, root_dir, logger)
     rows = _rows_by_status(job_db, logger)
     state = outcome(runs, rows)
     logger.info(f"Workers ended: {state.message}")
@@ -183,6 +187,20 @@ def wait_for_runs(client: Any, ids: list[Any], poll_seconds: float, logger: Any)
         if len(runs) == len(ids) and all(r.state is not None and r.state.is_final() for r in runs):
             return runs
         time.sleep(poll_seconds)
+
+
+def _update_catalog(job_db: str, root_dir: str, logger: Any) -> None:
+    from prefect_openeo import catalog
+    from prefect_openeo.jobdb import resolve_job_db
+    from prefect_openeo.storage import ResultStore
+
+    try:
+        report = catalog.update_catalog(ResultStore.from_root(root_dir), resolve_job_db(job_db))
+        logger.info(f"STAC collection of {report.items} job(s) at {report.location}")
+    except catalog.NothingToCatalog:
+        pass
+    except Exception as e:  # the results are safe; `prefect-openeo catalog` writes it later
+        logger.warning(f"Could not update the STAC collection of the results: {e!r} (`prefect-openeo catalog`)")
 
 
 def _rows_by_status(job_db: str | JobDatabaseInterface, logger: Any) -> dict[str, int]:

@@ -349,7 +349,7 @@ def run_openeo_jobs(
                 "first, e.g. with the tile-and-run deployment or `prefect-openeo init`, or pass rows as df"
             )
     if workers > 1:
-        return fan_out(workers, job_db, poll_seconds=max(1.0, min(float(poll_sleep), 10.0)))
+        return fan_out(workers, job_db, root_dir, download_results, poll_seconds=max(1.0, min(float(poll_sleep), 10.0)))
     connections: dict[str, Any] = {}
     block_budgets: dict[str, int] = {}
     for name, spec in backends.items():

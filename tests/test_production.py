@@ -197,8 +197,9 @@ def save_blocks(prod: Production, **sims) -> None:
 
 # -- checks ------------------------------------------------------------------------------------------
 def assert_results_in_bucket(s3_server, bucket: str, prefix: str, job_ids) -> dict[str, tuple]:
-    """Every asset of every job is in the bucket with the size and checksum its backend said; returns every
-    object under ``prefix`` as key -> (ETag, LastModified)."""
+    """Every asset of every job is in the bucket with the size and checksum its backend said, and the STAC
+    collection beside them lists every job; returns the objects of the jobs' folders as key -> (ETag,
+    LastModified)."""
     s3 = s3_server.client()
     for job_id in job_ids:
         folder = f"{prefix}/job_{job_id}"
@@ -209,7 +210,10 @@ def assert_results_in_bucket(s3_server, bucket: str, prefix: str, job_ids) -> di
             data = s3.get_object(Bucket=bucket, Key=f"{folder}/{name}")["Body"].read()
             assert len(data) == asset["file:size"]
             assert "1220" + hashlib.sha256(data).hexdigest() == asset["file:checksum"]
-    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    collection = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/collection.json")["Body"].read())
+    items = [link["href"] for link in collection["links"] if link["rel"] == "item"]
+    assert sorted(items) == sorted(f"./job_{job_id}/stac-item.json" for job_id in job_ids), items
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/job_")
     assert not listed.get("IsTruncated")
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
     return {o["Key"]: (o["ETag"], o["LastModified"]) for o in listed.get("Contents", [])}
