@@ -331,10 +331,11 @@ def test_runs_in_empty_folders_leave_nothing_and_resume_one_another(
 def test_fan_out_shares_one_job_database_and_bucket(
     production, openeo_simulator_factory, pg_database, s3_server, tmp_path
 ):
-    east = openeo_simulator_factory("east", require_auth=True, run_duration=2.0)
-    west = openeo_simulator_factory("west", require_auth=True, run_duration=2.0)
+    # Five rounds of 3 s jobs on two backends of 2 slots: long enough for every worker flow run to start.
+    east = openeo_simulator_factory("east", require_auth=True, run_duration=3.0)
+    west = openeo_simulator_factory("west", require_auth=True, run_duration=3.0)
     save_blocks(production, east=east, west=west)
-    url, rows = pg_database, 16
+    url, rows = pg_database, 20
     create_job_db(url, demo_tiles(rows))
     bucket = s3_server.new_bucket()
     root = f"s3://{bucket}/results"
@@ -502,6 +503,24 @@ def test_storage_credentials_in_root_dir_are_refused(production, pg_database):
                 root_dir="s3://AKIAEXAMPLE:example-secret@bucket/results",
             )
         assert len(client.read_flow_runs(limit=200)) == before
+
+
+def test_the_coordinator_ends_as_its_workers_did():
+    from prefect.states import Cancelled, Completed, Crashed, Failed
+
+    from prefect_openeo.fanout import outcome
+
+    def runs(*states):
+        return [SimpleNamespace(name=f"c-worker-{i}", state=state) for i, state in enumerate(states, 1)]
+
+    state = outcome(runs(Completed(), Completed()), {"finished": 5})
+    assert state.is_completed() and state.message == "2 worker flow run(s): 2 Completed; rows: finished 5"
+    state = outcome(runs(Completed(), Crashed(message="killed\nby the OOM killer"), Cancelled()))
+    assert state.is_failed() and state.message.startswith("3 worker flow run(s): 1 Cancelled, 1 Completed, 1 Crashed")
+    assert state.message.endswith("\n- c-worker-2: Crashed: killed")
+    state = outcome(runs(Failed(message="boom"), Completed()))
+    assert state.is_failed() and "- c-worker-1: Failed: boom" in state.message
+    assert outcome(runs(Completed(), Cancelled())).is_cancelled()
 
 
 def test_fan_out_outside_a_deployment_run_is_refused(production, pg_database, s3_server):
