@@ -72,16 +72,8 @@ def readme_command(command: str, **replace: str) -> list[str]:
 @pytest.fixture
 def pg_database(postgres_engine) -> Iterator[str]:
     """A new, empty PostgreSQL database (the job database's default table in it, as users have it); its URL."""
-    name = f"openeo_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
+    with new_database("openeo") as name:
         yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 class Production:
@@ -137,52 +129,79 @@ class Production:
         return sorted(runs, key=lambda r: r.name)
 
 
+@contextlib.contextmanager
+def new_database(prefix: str) -> Iterator[str]:
+    """A new, empty database in this machine's PostgreSQL, dropped afterwards; its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="module")
-def production(tmp_path_factory, s3_server) -> Iterator[Production]:
+def production(tmp_path_factory, s3_server, postgres_engine) -> Iterator[Production]:
     """The README's steps up to `prefect worker start`, with two workers (each in its own folder and process
-    group, as if on its own machine)."""
+    group, as if on its own machine). The Prefect server keeps its records in PostgreSQL, as a production one
+    does: on SQLite, a coordinator, its workers and their task runs together make it answer 'database is locked'."""
     home = tmp_path_factory.mktemp("production")
-    server_env = {"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
-    with local_prefect_server(str(home / "prefect-home"), extra_env=server_env) as (api_url, env):
-        env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
-        # The S3 keys are the workers' only: the CLI commands that deploy and start runs do not have them.
-        env = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        prod = Production(api_url, env, [])
-        prod.ok(readme_command("prefect block register -m prefect_openeo"))
-        prod.ok(readme_command(f"prefect work-pool create {POOL} --type process"))
-        prod.ok(readme_command("prefect deploy --prefect-file deployments/production.yaml --all"))
-        workers = []
-        try:
-            for name in ("machine-a", "machine-b"):
-                folder = home / name
-                folder.mkdir()
-                prod.logs.append(home / f"{name}.log")
-                with prod.logs[-1].open("w") as log:
-                    workers.append(
-                        subprocess.Popen(
-                            readme_command(f"prefect worker start --pool {POOL}"),
-                            cwd=folder,
-                            env={**env, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET},
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL,
-                            start_new_session=True,  # its own process group: stopped with its flow-run processes
-                        )
+    with contextlib.ExitStack() as stack:
+        database = stack.enter_context(new_database("prefect"))
+        server_env = {
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": POSTGRES_URL.rsplit("/", 1)[0].replace("+psycopg", "+asyncpg")
+            + f"/{database}",
+        }
+        api_url, env = stack.enter_context(local_prefect_server(str(home / "prefect-home"), extra_env=server_env))
+        yield from _production(home, api_url, env)
+
+
+def _production(home: Path, api_url: str, env: dict[str, str]) -> Iterator[Production]:
+    """Deploy, start the two workers, yield; then check that no flow run holds the S3 keys, and stop them."""
+    env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+    # The S3 keys are the workers' only: the CLI commands that deploy and start runs do not have them.
+    env = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    prod = Production(api_url, env, [])
+    prod.ok(readme_command("prefect block register -m prefect_openeo"))
+    prod.ok(readme_command(f"prefect work-pool create {POOL} --type process"))
+    prod.ok(readme_command("prefect deploy --prefect-file deployments/production.yaml --all"))
+    workers = []
+    try:
+        for name in ("machine-a", "machine-b"):
+            folder = home / name
+            folder.mkdir()
+            prod.logs.append(home / f"{name}.log")
+            with prod.logs[-1].open("w") as log:
+                workers.append(
+                    subprocess.Popen(
+                        readme_command(f"prefect worker start --pool {POOL}"),
+                        cwd=folder,
+                        env={**env, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,  # its own process group: stopped with its flow-run processes
                     )
-            yield prod
-            with prod.client() as client:
-                for flow_run in client.read_flow_runs(limit=200):
-                    stored = json.dumps([flow_run.parameters, flow_run.job_variables])
-                    assert S3_KEY not in stored and S3_SECRET not in stored, flow_run.name
-        finally:
-            for worker in workers:
-                os.killpg(worker.pid, signal.SIGTERM)
-            for worker in workers:
-                try:
-                    worker.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait(30)
+                )
+        yield prod
+        with prod.client() as client:
+            for flow_run in client.read_flow_runs(limit=200):
+                stored = json.dumps([flow_run.parameters, flow_run.job_variables])
+                assert S3_KEY not in stored and S3_SECRET not in stored, flow_run.name
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(30)
 
 
 def save_blocks(prod: Production, **sims) -> None:
