@@ -23,6 +23,7 @@ from prefect.states import Cancelled
 from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
+from prefect_openeo.fanout import cancel_fan_out_workers, check_shareable, fan_out
 from prefect_openeo.jobdb.local import JobDatabaseBusy
 from prefect_openeo.manager import MultiBackendJobManager
 from prefect_openeo.parameters import (
@@ -272,7 +273,12 @@ def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     log.info(f"Canceled {(rows['status'] == 'canceled').sum()} backend job(s) with the flow run")
 
 
-@openeo_flow(name="run-openeo-jobs", log_prints=True, validate_parameters=False, on_cancellation=[cancel_backend_jobs])
+@openeo_flow(
+    name="run-openeo-jobs",
+    log_prints=True,
+    validate_parameters=False,
+    on_cancellation=[cancel_backend_jobs, cancel_fan_out_workers],
+)
 def run_openeo_jobs(
     job_db: str | SkipJsonSchema[Path] | SkipJsonSchema[JobDatabaseInterface],
     backends: Mapping[str, BackendRef],
@@ -285,6 +291,7 @@ def run_openeo_jobs(
     df: SkipJsonSchema[pd.DataFrame | None] = None,
     global_concurrency: bool = True,
     cancel_backend_jobs: bool = False,
+    workers: Annotated[int, Field(ge=1)] = 1,
 ) -> dict:
     """Run one openEO batch job per row of a job database, across backends, until every row ended.
 
@@ -313,15 +320,26 @@ def run_openeo_jobs(
             together never exceed a backend's budget.
         cancel_backend_jobs: When the flow run is cancelled in Prefect, cancel its active backend jobs too (and
             mark their rows canceled); by default they keep running and a later run tracks them.
+        workers: Flow runs that work the job database together. With N > 1 (a deployment run only), this run
+            starts N runs of its deployment on its work pool (named `<this run>-worker-<i>`, tagged
+            `coordinator:<this run>`), which may run on other machines, waits for them, and ends Failed when one
+            of them failed. They share job_db and root_dir, so job_db must be a server database (PostgreSQL) and
+            root_dir object storage (s3://...), unless download_results is off.
 
     Returns:
         The run stats, as openeo's `MultiBackendJobManager.run_jobs`. A run that finds another one working on
-        the same CSV/Parquet job database (a lock file beside it) ends Cancelled at once.
+        the same CSV/Parquet job database (a lock file beside it) ends Cancelled at once. With workers > 1, a
+        state that says how the worker flow runs ended.
     """
-    refuse_plain_secrets({"backends": backends, "job_db": job_db})  # runs created through the API
+    refuse_plain_secrets({"backends": backends, "job_db": job_db, "root_dir": root_dir})  # runs created through the API
     logger = get_run_logger()
+    logger.info(f"Working directory: {Path.cwd()}")  # where relative paths point (a worker's folder, on its machine)
     if not backends:
         raise ValueError("run_openeo_jobs needs at least one backend")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
+    if workers > 1:
+        check_shareable(job_db, root_dir, download_results, workers)
     if df is None and isinstance(job_db, (str, Path)):
         from prefect_openeo.jobdb import resolve_job_db
 
@@ -330,6 +348,8 @@ def run_openeo_jobs(
                 f"The job database {str(job_db)!r} does not exist (working directory {Path.cwd()}): create it "
                 "first, e.g. with the tile-and-run deployment or `prefect-openeo init`, or pass rows as df"
             )
+    if workers > 1:
+        return fan_out(workers, job_db, root_dir, download_results, poll_seconds=max(1.0, min(float(poll_sleep), 10.0)))
     connections: dict[str, Any] = {}
     block_budgets: dict[str, int] = {}
     for name, spec in backends.items():

@@ -101,7 +101,8 @@ def _where(name: str) -> str:
 
 
 def refuse_plain_secrets(parameters: Mapping[str, Any]) -> None:
-    """Raise ``PlainSecretError`` when ``backends`` or ``job_db`` in ``parameters`` hold a secret in plain text."""
+    """Raise ``PlainSecretError`` when ``backends``, ``job_db`` or ``root_dir`` in ``parameters`` hold a secret in
+    plain text."""
     backends = parameters.get("backends")
     if isinstance(backends, Mapping):
         for name, spec in backends.items():
@@ -124,6 +125,13 @@ def refuse_plain_secrets(parameters: Mapping[str, Any]) -> None:
             "job_db is a database URL with a password in it: flow parameters are stored in Prefect's database "
             "and shown on the run's Parameters tab. Leave the password out of the URL and give it to the process "
             "that runs the flow (for PostgreSQL: the PGPASSWORD environment variable or a ~/.pgpass file)."
+        )
+    root_dir = parameters.get("root_dir")
+    if isinstance(root_dir, str) and "://" in root_dir and urlsplit(root_dir).password:
+        raise PlainSecretError(
+            "root_dir is a URL with a secret in it: flow parameters are stored in Prefect's database and shown on "
+            "the run's Parameters tab. Leave it out of the URL and give the credentials to the process that runs "
+            "the flow (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in its environment, or AWS_PROFILE)."
         )
 
 

@@ -26,17 +26,22 @@ def local_prefect_server(
     env.pop("PREFECT_API_URL", None)
     env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
     env["PREFECT_UI_API_URL"] = api_url
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    # Its output goes to a file: a pipe nobody reads fills up (64 KiB) and blocks the server mid-write.
+    os.makedirs(home, exist_ok=True)
+    log_path = os.path.join(home, "prefect-server.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited: {proc.stderr.read().decode()[-3000:]}")
+                with open(log_path, "rb") as log:
+                    raise RuntimeError(f"prefect server exited: {log.read().decode(errors='replace')[-3000:]}")
             if healthy(api_url):
                 break
             if time.monotonic() > deadline:

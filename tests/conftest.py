@@ -104,16 +104,19 @@ def s3_server():
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    # Its request log goes to a file: a pipe nobody reads fills up (64 KiB) and blocks the server mid-request.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited: {proc.stderr.read().decode()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"moto_server exited: {log.read().decode(errors='replace')[-2000:]}")
             try:
                 if requests.get(f"{endpoint}/moto-api/", timeout=2).status_code == 200:
                     break
@@ -139,6 +142,7 @@ def s3_server():
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def ndvi_job(row: pd.Series, connection: openeo.Connection, **kwargs) -> openeo.BatchJob:
