@@ -342,7 +342,7 @@ class JobEngine:
                 if name not in self._down or not self.job_db.count_by_status(statuses=["not_started"]):
                     continue  # nothing to do; a backend that is down is tried again while rows wait
             work = BackendWork(self._lane_config, backend, mine.copy(), new, pending)
-            submitted.append(lane.submit(work))
+            submitted.append(lane.submit(work, self.steps.run_lane))
         if submitted:
             concurrent.futures.wait(submitted, timeout=self.lane_wait)
         self._collect()

@@ -88,12 +88,16 @@ class Lane:
         """Working, or done with a result the engine has not applied yet (new work would lose it)."""
         return self.future is not None
 
-    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+    def submit(
+        self, fn: Callable[[], Any], runner: Callable[[Callable[[], Any]], Any] | None = None
+    ) -> concurrent.futures.Future:
+        """Run ``fn`` (through ``runner(fn)`` when given, e.g. as a Prefect task) in the lane's thread."""
         if self.busy():
             raise RuntimeError(f"Lane {self.name!r} is busy")
         self.creating = list(getattr(fn, "creating", []))
         self.checking = bool(getattr(fn, "only_checks", False))
-        self.future = run_in_thread(fn, f"prefect-openeo-{self.name}")
+        target = fn if runner is None else (lambda: runner(fn))
+        self.future = run_in_thread(target, f"prefect-openeo-{self.name}")
         return self.future
 
 
@@ -179,6 +183,16 @@ class BackendWork:
     def only_checks(self) -> bool:
         """Whether this work has no rows: it only checks that its backend is reachable."""
         return not (self.active_indices or self.new_indices or self.unresolved_indices)
+
+    def needs_backend(self) -> bool:
+        """Whether this work will ask the backend something: reconcile or create rows, or sweep statuses (a sweep
+        that can learn nothing yet is skipped). Work that will not only updates rows (or checks a backend that
+        could not be reached)."""
+        if self.new_indices or self.unresolved_indices:
+            return True
+        rows = self.rows
+        ids = [i for i in self.active_indices if rows.at[i, "status"] in ACTIVE and not blank(rows.at[i, "id"])]
+        return bool(ids) and (not self.config.adaptive_sweeps or self._due(ids, time.time()))
 
     def __call__(self) -> LaneResult:
         try:

@@ -1,7 +1,8 @@
 """The lifecycle actions of one batch job, as plain functions.
 
-The engine calls these directly outside a flow run; inside one, ``prefect_openeo.tasks`` wraps each of
-them in a Prefect task (retries, timeouts, a task run in the UI). Nothing here imports Prefect.
+The engine calls these directly outside a flow run; inside one, ``prefect_openeo.tasks`` runs a backend's
+work of a sweep (``run_lane``) and each download as a Prefect task (a task run in the UI). Nothing here
+imports Prefect.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 from openeo import BatchJob
@@ -25,6 +27,8 @@ from prefect_openeo.jobdb.files import atomic_write
 
 _log = logging.getLogger("prefect_openeo")
 
+T = TypeVar("T")
+
 #: Column holding a row's creation token (see ``prefect_openeo.engine``).
 TOKEN_COLUMN = "create_token"
 
@@ -36,6 +40,7 @@ __all__ = [
     "create_jobs",
     "download_results",
     "fetch_error_logs",
+    "run_lane",
     "start_jobs",
     "sweep_statuses",
     "SweepResult",
@@ -152,10 +157,16 @@ def save_error_logs(logs: list[dict], path: Path) -> int:
     return len(logs)
 
 
+def run_lane(work: Callable[[], T]) -> T:
+    """Run a backend's work of one sweep (reconcile, sweep, cancel, start, create): here, as it is."""
+    return work()
+
+
 @dataclass
 class Steps:
-    """The lifecycle actions the engine calls; swapped for Prefect tasks inside a flow run."""
+    """The lifecycle actions the engine calls; partly swapped for Prefect tasks inside a flow run."""
 
+    run_lane: Callable = field(default=run_lane)
     create_jobs: Callable = field(default=create_jobs)
     sweep_statuses: Callable = field(default=sweep_statuses)
     start_jobs: Callable = field(default=start_jobs)

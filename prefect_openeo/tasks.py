@@ -1,12 +1,22 @@
-"""Prefect tasks for each lifecycle step of openEO batch jobs.
+"""Prefect tasks for the lifecycle steps of openEO batch jobs.
 
-Thin wrappers over ``prefect_openeo.steps``: each adds retries and backoff that fit the step,
-and a task run (named after the backend or job) in the Prefect UI. Sweeps and batched actions are one task
-run each, never one per job per poll. Job creation is not retried by Prefect: the user's ``start_job``
-is not idempotent, so a retry could create a second backend job.
+Inside a flow run, a backend's work of one sweep (reconcile, sweep statuses, cancel, start, create: what
+``prefect_openeo.lanes.BackendWork`` does) is one task run, and each result download is one; every job also
+has its own task run whose state follows the backend job (``prefect_openeo.observe``). Work that will not
+ask the backend anything (a sweep that can learn nothing yet) runs without a task run.
+
+These tasks run in worker threads (a backend's lane, a download), where Prefect cannot enforce
+``timeout_seconds``: every request has a timeout instead (openeo's default: 20 minutes). Nothing is cached.
+They carry no tags: Prefect takes a slot of each tag's concurrency limit through the API before a tagged task
+runs, a round trip per task run that would hold up the sweep (the per-job task runs, which are created and
+never run, carry the tags). A lane's work is not retried by Prefect: it calls the user's ``start_job``, which
+is not idempotent (a retry could create a second backend job), and the next sweep tries again anyway.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -15,52 +25,41 @@ from prefect.tasks import exponential_backoff
 from prefect_openeo import steps
 from prefect_openeo.steps import Steps
 
-
-def _step_task(fn, name: str, run_name: str, *, retries: int, backoff: float):
-    """A lifecycle step as an uncached Prefect task with exponential backoff (and jitter) between retries.
-
-    No ``timeout_seconds``: steps run in their backend's lane thread, where Prefect cannot interrupt them;
-    every request has a timeout instead (openeo's default: 20 minutes per request).
-    """
-    return task(
-        fn,
-        name=name,
-        task_run_name=run_name,
-        cache_policy=NO_CACHE,
-        retries=retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=backoff),
-        retry_jitter_factor=0.5,
-    )
+#: Tag of the task runs that mirror openEO batch jobs (one per job: filter on it in the UI).
+JOB_TAG = "openeo-job"
 
 
-# Not retried: the user's start_job is not idempotent, so a retry could create a second backend job.
-create_jobs = _step_task(steps.create_jobs, "create openEO jobs", "create jobs on {backend.name}", retries=0, backoff=1)
-sweep_statuses = _step_task(
-    steps.sweep_statuses, "sweep openEO job statuses", "sweep {backend.name}", retries=2, backoff=5
-)
-start_jobs = _step_task(steps.start_jobs, "start openEO jobs", "start jobs on {backend.name}", retries=2, backoff=5)
-cancel_job = _step_task(
-    steps.cancel_job, "cancel openEO job", "cancel {job_id} on {backend.name}", retries=2, backoff=5
-)
-download_results = _step_task(
-    steps.download_results, "download openEO job results", "download {job.job_id}", retries=3, backoff=10
-)
-fetch_error_logs = _step_task(
-    steps.fetch_error_logs,
-    "fetch openEO job error logs",
-    "error logs of {job.job_id}",
-    retries=2,
-    backoff=5,
+def backend_tag(name: str) -> str:
+    """The tag of a backend's per-job task runs."""
+    return f"backend:{name}"
+
+
+@task(name="sweep openEO backend", task_run_name="sweep {backend}", cache_policy=NO_CACHE)
+def sweep_backend(work: Callable[[], Any], backend: str) -> Any:
+    """A backend's work of one sweep: reconcile, sweep statuses, cancel overdue jobs, start and create jobs."""
+    return work()
+
+
+def run_lane(work: Callable[[], Any]) -> Any:
+    """``Steps.run_lane`` in a flow run: the work as one task run when it will ask its backend something."""
+    needs_backend = getattr(work, "needs_backend", None)
+    if needs_backend is not None and not needs_backend():
+        return work()
+    return sweep_backend(work, work.backend.name)
+
+
+download_results = task(
+    steps.download_results,
+    name="download openEO job results",
+    task_run_name="download {job.job_id}",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
 )
 
 
 def prefect_steps() -> Steps:
-    """The engine's steps as Prefect tasks (used by the manager inside a flow run)."""
-    return Steps(
-        create_jobs=create_jobs,
-        sweep_statuses=sweep_statuses,
-        start_jobs=start_jobs,
-        cancel_job=cancel_job,
-        download_results=download_results,
-        fetch_error_logs=fetch_error_logs,
-    )
+    """The engine's steps inside a flow run: a task run per backend sweep and per download; the steps of a
+    sweep run as plain functions inside its task run."""
+    return Steps(run_lane=run_lane, download_results=download_results)
