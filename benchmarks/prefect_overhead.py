@@ -1,10 +1,19 @@
-"""Prefect's overhead: the same workload with the drop-in manager outside Prefect and as a flow run on a
-real ``prefect server`` (SQLite), on the same simulated backends.
+"""Prefect's overhead: the same workload in-process (no Prefect) and inside a flow run on a real
+``prefect server`` (SQLite), on the same simulated backends (a child process, so the manager's CPU time is
+measured alone). The server is started once, before anything is timed.
 
-Prints wall time of both, task runs per job by kind, and whether the API kept up (flow Completed, every
-task run in a final state, per-job task-run states matching the job database).
+(a) ``run_jobs`` of the drop-in manager, in-process and inside a user's ``@flow``: makespan from the first
+    ``POST /jobs`` to the end of the run (the flow call returning, final reporting included), sweeps and
+    their median period, the lag from a job's end (on the backend) to its results request, and the manager
+    process's CPU time. Targets: flow makespan <= 1.08x and CPU <= 2x in-process.
+Each part starts with a tiny run of both kinds, so that first imports are not measured.
+(b) Many jobs: the drop-in in-process and the ``run_openeo_jobs`` flow (its defaults, global concurrency
+    limits included). Target: flow wall time <= 1.15x; every per-job task run in its final state, matching
+    its row.
 
-    python benchmarks/prefect_overhead.py [--jobs 1000] [--slots 50] [--run 2]
+    python benchmarks/prefect_overhead.py [--part a|b|ab] [--jobs 120] [--many 1000]
+
+Timings on a shared 2-core machine are noisy: compare the ratios, and run it twice.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -29,57 +39,149 @@ def start_job(row, connection, **kwargs):
     return connection.create_job(PG, title=f"row {row.name}", validate=False)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--slots", type=int, default=50)
-    parser.add_argument("--run", type=float, default=2.0)
-    parser.add_argument("--poll", type=float, default=1.0)
-    args = parser.parse_args()
-    from prefect_openeo.testing import local_prefect_server
+class Probe:
+    """Times of the sweeps and of the results requests of one run (benchmark instrumentation only)."""
 
-    home = tempfile.mkdtemp(prefix="prefect-home-")
-    with local_prefect_server(home) as (api_url, _):
-        os.environ.update(PREFECT_HOME=home, PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        measure(args)
+    def __init__(self):
+        self.sweeps: list[float] = []
+        self.results: dict[str, float] = {}
+
+    def install(self, manager) -> None:
+        from prefect_openeo.engine import JobEngine
+
+        original = JobEngine.iteration
+        probe = self
+
+        def iteration(engine) -> None:
+            probe.sweeps.append(time.monotonic())
+            original(engine)
+
+        JobEngine.iteration = iteration
+        self._restore = lambda: setattr(JobEngine, "iteration", original)
+        job_done = manager._job_done
+
+        def timed_job_done(job, row, details):
+            probe.results.setdefault(job.job_id, time.monotonic())
+            return job_done(job, row, details)
+
+        manager._job_done = timed_job_done  # read by the manager's run settings
+
+    def uninstall(self) -> None:
+        self._restore()
 
 
-def measure(args) -> None:
+def drop_in(urls: list[str], slots: int, poll: float, root: Path):
     import openeo
 
     from prefect_openeo import MultiBackendJobManager
-    from prefect_openeo.flows import run_openeo_jobs
 
+    manager = MultiBackendJobManager(poll_sleep=poll, root_dir=root)
+    for i, url in enumerate(urls):
+        manager.add_backend(f"b{i}", connection=openeo.connect(url), parallel_jobs=slots)
+    return manager
+
+
+def warm_up(sims: SimulatorProcess, workdir: Path) -> None:
+    """A tiny run of each kind first, so that what is measured is not the first import of anything."""
+    from prefect import flow
+
+    df = pd.DataFrame({"tile": range(2)})
+    drop_in(sims.urls, 2, 0.1, workdir / "warm-local").run_jobs(df=df, start_job=start_job, job_db=workdir / "w1.csv")
+
+    @flow(name="warm-up")
+    def warm() -> None:
+        manager = drop_in(sims.urls, 2, 0.1, workdir / "warm-flow")
+        manager.run_jobs(df=df, start_job=start_job, job_db=workdir / "w2.csv")
+
+    warm()
+
+
+def measure_run(run, sims: SimulatorProcess) -> dict:
+    """Run ``run()`` (which returns the probe used); the figures of that run from both sides."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    probe = run()
+    end, wall, cpu = time.monotonic(), time.perf_counter() - wall, time.process_time() - cpu
+    jobs = [job for jobs in sims.jobs() for job in jobs]
+    first_post = min(job["created_at"] for job in jobs)
+    lags = [probe.results[j["id"]] - j["ended_at"] for j in jobs if j["id"] in probe.results and j["ended_at"]]
+    periods = [b - a for a, b in zip(probe.sweeps, probe.sweeps[1:], strict=False)]
+    return {
+        "makespan": end - first_post,
+        "wall": wall,
+        "cpu": cpu,
+        "sweeps": len(probe.sweeps),
+        "period": statistics.median(periods) if periods else float("nan"),
+        "lag": statistics.median(lags) if lags else float("nan"),
+        "lag_max": max(lags) if lags else float("nan"),
+        "statuses": collections.Counter(job["status"] for job in jobs),
+    }
+
+
+def part_a(args, workdir: Path) -> dict:
+    from prefect import flow
+
+    config = {"queue_duration": args.queue, "run_duration": args.run, "capacity": args.slots}
     df = pd.DataFrame({"tile": range(args.jobs)})
-    with SimulatorProcess(2, queue_duration=0.5, run_duration=args.run, capacity=args.slots) as sims:
-        with tempfile.TemporaryDirectory() as tmp:
-            manager = MultiBackendJobManager(poll_sleep=args.poll, root_dir=f"{tmp}/local")
-            for i, url in enumerate(sims.urls):
-                manager.add_backend(f"b{i}", connection=openeo.connect(url), parallel_jobs=args.slots)
-            t = time.perf_counter()
-            manager.run_jobs(df=df, start_job=start_job, job_db=f"{tmp}/local.parquet")
-            local_s = time.perf_counter() - t
-            sims.reset()
+    results = {}
+    with SimulatorProcess(2, **config) as sims:
 
-            t = time.perf_counter()
-            state = run_openeo_jobs(
-                job_db=f"{tmp}/flow.parquet",
-                backends={f"b{i}": url for i, url in enumerate(sims.urls)},
-                start_job=start_job,
-                parallel_jobs=args.slots,
-                poll_sleep=args.poll,
-                root_dir=f"{tmp}/flow",
-                df=df,
-                return_state=True,
-            )
-            flow_s = time.perf_counter() - t
-            rows = pd.read_parquet(f"{tmp}/flow.parquet")
+        def in_process() -> Probe:
+            manager = drop_in(sims.urls, args.slots, args.poll, workdir / "a-local")
+            probe = Probe()
+            probe.install(manager)
+            try:
+                manager.run_jobs(df=df, start_job=start_job, job_db=workdir / "a-local.csv")
+            finally:
+                probe.uninstall()
+            return probe
 
+        @flow(name="user-flow")
+        def user_flow() -> Probe:
+            manager = drop_in(sims.urls, args.slots, args.poll, workdir / "a-flow")
+            probe = Probe()
+            probe.install(manager)
+            try:
+                manager.run_jobs(df=df, start_job=start_job, job_db=workdir / "a-flow.csv")
+            finally:
+                probe.uninstall()
+            return probe
+
+        warm_up(sims, workdir)
+        sims.reset()
+        results["in-process"] = measure_run(in_process, sims)
+        sims.reset()
+        results["in a flow run"] = measure_run(user_flow, sims)
+    base, flow_ = results["in-process"], results["in a flow run"]
+    print(
+        f"## (a) {args.jobs} jobs, 2 backends x {args.slots} slots, queue {args.queue:g} s + run {args.run:g} s, "
+        f"poll_sleep {args.poll:g} s, CSV job database\n"
+    )
+    print("| | in-process | in a flow run | ratio |")
+    print("|---|---:|---:|---:|")
+    print(
+        f"| makespan from the first POST /jobs (s) | {base['makespan']:.1f} | {flow_['makespan']:.1f} | "
+        f"{flow_['makespan'] / base['makespan']:.3f} |"
+    )
+    print(f"| sweeps | {base['sweeps']} | {flow_['sweeps']} | |")
+    print(f"| median sweep period (s) | {base['period']:.2f} | {flow_['period']:.2f} | |")
+    print(
+        f"| job end to results request, median / max (s) | {base['lag']:.2f} / {base['lag_max']:.2f} | "
+        f"{flow_['lag']:.2f} / {flow_['lag_max']:.2f} | |"
+    )
+    print(f"| manager CPU (s) | {base['cpu']:.1f} | {flow_['cpu']:.1f} | {flow_['cpu'] / base['cpu']:.2f} |")
+    makespan_ok = flow_["makespan"] <= 1.08 * base["makespan"]
+    cpu_ok = flow_["cpu"] <= 2 * base["cpu"]
+    print(
+        f"\nTargets: makespan <= 1.08x: {'met' if makespan_ok else 'NOT met'}; CPU <= 2x: "
+        f"{'met' if cpu_ok else 'NOT met'}\n"
+    )
+    return results
+
+
+def flow_task_runs(flow_run_id) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         task_runs, offset = [], 0
         while True:
@@ -89,21 +191,95 @@ def measure(args) -> None:
             task_runs += page
             offset += len(page)
             if len(page) < 200:
-                break
-    kinds = collections.Counter(t.name.split(" ")[0] for t in task_runs)
-    final = sum(1 for t in task_runs if t.state and t.state.is_final())
-    mirrors = {t.name.split(" ")[1]: t.state.name for t in task_runs if t.name.startswith("row ")}
-    matching = sum(1 for i, s in rows["status"].items() if mirrors.get(str(i)) == {"finished": "Finished"}.get(s))
-    print(f"## Prefect overhead: {args.jobs} jobs, 2 backends x {args.slots} slots, run {args.run} s\n")
-    print("| | wall time (s) |")
-    print("|---|---:|")
-    print(f"| drop-in manager, no Prefect | {local_s:.1f} |")
-    print(f"| `run_openeo_jobs` flow on `prefect server` (SQLite) | {flow_s:.1f} |")
-    print(f"| ratio | {flow_s / local_s:.2f} |\n")
-    print(f"Flow run state: {state.name}; rows finished: {(rows['status'] == 'finished').sum()} of {len(rows)}")
-    print(f"Task runs: {len(task_runs)} ({len(task_runs) / args.jobs:.2f} per job), {final} in a final state")
-    print("By kind: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common()))
-    print(f"Per-job task runs whose state matches the row: {matching} of {args.jobs}")
+                return task_runs
+
+
+def part_b(args, workdir: Path) -> dict:
+    from prefect_openeo.flows import run_openeo_jobs
+    from prefect_openeo.observe import prefect_state
+
+    df = pd.DataFrame({"tile": range(args.many)})
+    config = {"queue_duration": args.many_queue, "run_duration": args.many_run, "capacity": args.many_slots}
+    with SimulatorProcess(2, **config) as sims:
+        warm_up(sims, workdir)
+        sims.reset()
+        manager = drop_in(sims.urls, args.many_slots, args.many_poll, workdir / "b-local")
+        cpu, t = time.process_time(), time.perf_counter()
+        manager.run_jobs(df=df, start_job=start_job, job_db=workdir / "b-local.parquet")
+        local_s, local_cpu = time.perf_counter() - t, time.process_time() - cpu
+        sims.reset()
+        cpu, t = time.process_time(), time.perf_counter()
+        state = run_openeo_jobs(
+            job_db=str(workdir / "b-flow.parquet"),
+            backends={f"b{i}": url for i, url in enumerate(sims.urls)},
+            start_job=start_job,
+            parallel_jobs=args.many_slots,
+            poll_sleep=args.many_poll,
+            root_dir=str(workdir / "b-flow"),
+            df=df,
+            return_state=True,
+        )
+        flow_s, flow_cpu = time.perf_counter() - t, time.process_time() - cpu
+    rows = pd.read_parquet(workdir / "b-flow.parquet")
+    task_runs = flow_task_runs(state.state_details.flow_run_id)
+    jobs = {t.name.split(" ")[1]: t for t in task_runs if "openeo-job" in (t.tags or [])}
+    final = sum(1 for t in jobs.values() if t.state and t.state.is_final())
+    matching = sum(
+        1
+        for index, row in rows.iterrows()
+        if str(index) in jobs and jobs[str(index)].state.name == prefect_state(row["status"]).name
+    )
+    kinds = collections.Counter(
+        "per-job" if "openeo-job" in (t.tags or []) else t.name.split(" ")[0] for t in task_runs
+    )
+    print(
+        f"## (b) {args.many} jobs, 2 backends x {args.many_slots} slots, queue {args.many_queue:g} s + run "
+        f"{args.many_run:g} s, poll_sleep {args.many_poll:g} s, Parquet job database\n"
+    )
+    print("| | wall time (s) | CPU (s) |")
+    print("|---|---:|---:|")
+    print(f"| drop-in manager, no Prefect | {local_s:.1f} | {local_cpu:.1f} |")
+    print(f"| `run_openeo_jobs` flow on `prefect server` (SQLite) | {flow_s:.1f} | {flow_cpu:.1f} |")
+    print(f"| ratio | {flow_s / local_s:.3f} | {flow_cpu / local_cpu:.2f} |\n")
+    print(
+        f"Flow run: {state.name} ({state.message}); rows finished: {(rows['status'] == 'finished').sum()} "
+        f"of {len(rows)}"
+    )
+    print(
+        f"Task runs: {len(task_runs)} ({len(task_runs) / args.many:.2f} per job): "
+        + ", ".join(f"{k} {v}" for k, v in kinds.most_common())
+    )
+    print(f"Per-job task runs: {len(jobs)}, {final} in a final state, {matching} matching their row")
+    ok = flow_s <= 1.15 * local_s and final == matching == len(rows)
+    print(f"\nTarget: wall time <= 1.15x and every per-job task run final and matching: {'met' if ok else 'NOT met'}\n")
+    return {"local": local_s, "flow": flow_s, "final": final, "matching": matching}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", default="ab", help="a, b or ab")
+    parser.add_argument("--jobs", type=int, default=120)
+    parser.add_argument("--slots", type=int, default=30)
+    parser.add_argument("--queue", type=float, default=1.0)
+    parser.add_argument("--run", type=float, default=19.0)
+    parser.add_argument("--poll", type=float, default=0.5)
+    parser.add_argument("--many", type=int, default=1000)
+    parser.add_argument("--many-slots", type=int, default=50)
+    parser.add_argument("--many-queue", type=float, default=1.0)
+    parser.add_argument("--many-run", type=float, default=4.0)
+    parser.add_argument("--many-poll", type=float, default=1.0)
+    args = parser.parse_args()
+    from prefect_openeo.testing import local_prefect_server
+
+    home = tempfile.mkdtemp(prefix="prefect-home-")
+    with local_prefect_server(home) as (api_url, _):
+        os.environ.update(PREFECT_HOME=home, PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        with tempfile.TemporaryDirectory() as tmp:
+            if "a" in args.part:
+                part_a(args, Path(tmp))
+            if "b" in args.part:
+                part_b(args, Path(tmp))
 
 
 if __name__ == "__main__":

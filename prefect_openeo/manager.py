@@ -188,7 +188,13 @@ class MultiBackendJobManager:
             from prefect_openeo.observe import PrefectObserver
             from prefect_openeo.tasks import prefect_steps
 
-            steps, observer = prefect_steps(), PrefectObserver(self)
+            steps = prefect_steps()
+            keeps_catalog = self.stac_catalog and self._download_results and not self._overrides("get_job_dir")
+            observer = PrefectObserver(
+                self.get_job_dir if self._download_results else None,
+                self._root_dir,
+                catalog.catalog_location(self.result_store) if keeps_catalog else None,
+            )
             if self.global_concurrency:
                 from prefect_openeo.limits import GlobalConcurrencyGate
 

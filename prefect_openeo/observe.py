@@ -1,72 +1,194 @@
-"""What a flow run shows in the Prefect UI: one task run per job that follows the backend job's state,
-a progress artifact, a table of rows by status and backend refreshed while the run goes, and a final
-markdown summary with links to the downloaded results.
+"""What a flow run shows in the Prefect UI, fed from the engine's sweeps.
+
+- One task run per job (``row 17 @ cdse (j-...)``, tagged ``openeo-job`` and ``backend:cdse``) whose state
+  follows the backend job; a failed job's state message and a log line of its task run say why.
+- An ``openeo.job.<status>`` event per transition, for Automations.
+- One artifact card per kind: progress, a table of rows by backend and status with costs and usage
+  (refreshed at most every ``TABLE_INTERVAL`` seconds, never reading the job database every sweep), a final
+  summary (what the run came to, why rows failed, where the results are) and pictures.
+
+The engine's loop only hands updates over: one background ``Reporter`` per run sends them
+(``prefect_openeo.reporter``), and ``run_done`` waits for it a bounded time.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextvars
+import base64
 import logging
 import re
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlsplit
 
 import pandas as pd
 from openeo.extra.job_management import JobDatabaseInterface
 from prefect import task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
-from prefect.events import emit_event
-from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
 
-from prefect_openeo.catalog import catalog_url
 from prefect_openeo.engine import Observer
+from prefect_openeo.outcome import FAILED_STATUSES, RunOutcome
+from prefect_openeo.reasons import shorten
 from prefect_openeo.report import usage_number
+from prefect_openeo.reporter import Reporter, RowUpdate, Unreported, prefect_state
 from prefect_openeo.states import ALL, TERMINAL
-
-if TYPE_CHECKING:
-    from prefect_openeo.manager import MultiBackendJobManager
+from prefect_openeo.tasks import JOB_TAG, backend_tag
 
 _log = logging.getLogger("prefect_openeo")
 
-#: How many finished rows the final summary links to, at most.
+__all__ = ["PrefectObserver", "openeo_batch_job", "prefect_state", "status_table", "summary_markdown"]
+
+#: Seconds between refreshes of the status table, at least (and at least ``TABLE_READ_SHARE`` times as
+#: long as reading the rows for it took: a big SQL job database is read rarely).
+TABLE_INTERVAL = 10.0
+TABLE_READ_SHARE = 20
+#: Longest wait at the end of a run for what is still to be reported (seconds).
+FLUSH_TIMEOUT = 60.0
+#: How many rows the final summary lists, at most: finished (with links), failed (with reasons).
 SUMMARY_LINK_LIMIT = 200
+SUMMARY_FAILED_LIMIT = 50
+#: Longest reason shown in the summary's tables.
+SUMMARY_REASON = 160
 
 
-@task(name="openEO batch job")
+@task(name="openEO batch job", tags=[JOB_TAG])
 def openeo_batch_job() -> None:
     """Never called: the task whose runs mirror openEO batch jobs in the UI."""
-
-
-def prefect_state(status: str, message: str | None = None) -> State:
-    """The Prefect state that shows a row's status in the UI."""
-    if status in ("not_started", "created", "queued_for_start", "queued"):
-        name = "".join(part.capitalize() for part in status.split("_"))
-        return Pending(name=name)
-    if status == "running":
-        return Running()
-    if status == "finished":
-        return Completed(name="Finished")
-    if status == "skipped":
-        return Completed(name="Skipped")
-    if status == "canceled":
-        return Cancelled(name="Canceled")
-    if status in ("error", "start_failed"):
-        return Failed(name="Error" if status == "error" else "StartFailed", message=message)
-    raise ValueError(f"Unknown status {status!r}")
 
 
 def artifact_key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, numbers and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100] or "openeo"
+
+
+def job_run_name(update: RowUpdate) -> str:
+    """``row 17 @ cdse (j-...)``."""
+    return f"row {update.index} @ {update.backend or '?'}" + (f" ({update.job_id})" if update.job_id else "")
+
+
+def job_run_tags(update: RowUpdate) -> list[str]:
+    return [backend_tag(update.backend)] if update.backend else []
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+class PrefectObserver(Observer):
+    """Feeds the UI of the current flow run from the engine's sweeps, through a background reporter.
+
+    :param job_dir: where a finished job's results are (``manager.get_job_dir``), for the summary's links;
+        None when results are not downloaded.
+    :param root: the results' root (a local folder also gets the pictures).
+    :param catalog: where the STAC collection of the results is (``prefect_openeo.catalog``), if kept.
+    """
+
+    def __init__(
+        self,
+        job_dir: Callable[[str], Path | str] | None = None,
+        root: Path | str | None = None,
+        catalog: Path | str | None = None,
+        *,
+        reporter: Reporter | None = None,
+        flush_timeout: float | None = None,
+        table_interval: float | None = None,
+    ):
+        context = FlowRunContext.get()
+        flow_run_id = context.flow_run.id if context and context.flow_run else None
+        self.job_dir, self.root, self.catalog = job_dir, root, catalog
+        self.flush_timeout = FLUSH_TIMEOUT if flush_timeout is None else flush_timeout
+        self.table_interval = TABLE_INTERVAL if table_interval is None else table_interval
+        self.reporter = reporter or Reporter(
+            flow_run_id,
+            openeo_batch_job,
+            lambda: get_client(sync_client=True),
+            name=job_run_name,
+            tags=job_run_tags,
+        )
+        self._key = artifact_key(f"openeo-jobs-{context.flow.name if context else 'run'}")
+        self._histogram: dict | None = None
+        self._table_histogram: dict | None = None
+        self._next_table = 0.0
+        self.unreported: Unreported | None = None
+
+    def row_status(self, index: Any, row: pd.Series, status: str) -> None:
+        message = _text(row.get("message")) if status in TERMINAL else None
+        self.reporter.row(RowUpdate(index, status, _text(row.get("backend_name")), _text(row.get("id")), message))
+
+    def sweep_done(self, job_db: JobDatabaseInterface, stats: dict) -> None:
+        histogram = job_db.count_by_status()
+        if histogram != self._histogram:
+            self._histogram = histogram
+            self._progress(histogram)
+        if histogram != self._table_histogram and time.monotonic() >= self._next_table:
+            started = time.monotonic()
+            rows = all_rows(job_db)
+            read = time.monotonic() - started
+            self._next_table = time.monotonic() + max(self.table_interval, TABLE_READ_SHARE * read)
+            self._table_histogram = histogram
+            self._table(rows)
+
+    def _progress(self, histogram: dict) -> None:
+        total = sum(histogram.values())
+        done = sum(v for k, v in histogram.items() if k in TERMINAL)
+        progress = round(100.0 * done / total, 1) if total else 100.0
+        self.reporter.artifact(f"{self._key}-progress", "progress", progress, "Rows ended / all rows")
+
+    def _table(self, rows: pd.DataFrame) -> None:
+        self.reporter.artifact(
+            f"{self._key}-status",
+            "table",
+            lambda: status_table(rows),  # made in the reporter's thread
+            "openEO job rows by backend and status, with costs and usage so far",
+        )
+
+    def run_done(self, job_db: JobDatabaseInterface, stats: dict, problems: dict) -> None:
+        try:
+            rows = all_rows(job_db)
+            self._progress(rows["status"].value_counts().to_dict())
+            self._table(rows)
+            self.reporter.artifact(
+                f"{self._key}-summary",
+                "markdown",
+                summary_markdown(
+                    rows, dict(stats), problems, job_dir=self.job_dir, root=self.root, catalog=self.catalog
+                ),
+                "Summary of the openEO job run: what it came to, why rows failed, where the results are",
+                once=True,
+            )
+            self.reporter.artifact(
+                f"{self._key}-pictures",
+                "markdown",
+                lambda: _pictures(rows, self.root),
+                "Tiles by status, and jobs per backend over time",
+                once=True,
+            )
+        except Exception as e:
+            _log.warning(f"Could not prepare the run's artifacts: {e!r}")
+        started = time.monotonic()
+        self.unreported = self.reporter.close(self.flush_timeout)
+        if self.unreported:
+            _run_logger().warning(
+                f"Could not report to Prefect within {time.monotonic() - started:.0f} s: {self.unreported}. "
+                "The job database has every row's status and message."
+            )
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return _log
+
+
+def all_rows(job_db: JobDatabaseInterface) -> pd.DataFrame:
+    return job_db.get_by_status(statuses=list(ALL))
 
 
 def status_table(df: pd.DataFrame) -> list[dict]:
@@ -93,153 +215,98 @@ def status_table(df: pd.DataFrame) -> list[dict]:
     return records
 
 
-def all_rows(job_db: JobDatabaseInterface) -> pd.DataFrame:
-    return job_db.get_by_status(statuses=list(ALL))
+def _cell(value: Any, limit: int = SUMMARY_REASON) -> str:
+    """A markdown table cell: one line, shortened, pipes escaped."""
+    return shorten("" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value), limit).replace(
+        "|", "\\|"
+    )
 
 
-class PrefectObserver(Observer):
-    """Feeds the UI of the current flow run from the engine's sweeps.
+def result_link(name: str, location: Path | str) -> str:
+    """Where results are, in markdown a browser can follow: a link for a web URL; the path or URL as text
+    otherwise (a browser opens neither ``file://`` from a web page nor ``s3://``)."""
+    if isinstance(location, str) and urlsplit(location).scheme in ("http", "https"):
+        return f"[{name}]({location})"
+    if isinstance(location, Path):
+        location = str(location.resolve())
+    return f"`{name}`: `{location}`"
 
-    The API calls go through one reporter thread, in order, never on the sweep's critical path: a Prefect
-    server on SQLite answers some of them ``503`` (database locked), which its client retries after seconds.
-    ``run_done`` waits for the reporter before the run's summary.
-    """
 
-    def __init__(self, manager: MultiBackendJobManager):
-        context = FlowRunContext.get()
-        self.manager = manager
-        self.flow_run_id = context.flow_run.id if context and context.flow_run else None
-        self._client = get_client(sync_client=True)
-        self._client.__enter__()
-        self._task_runs: dict[Any, Any] = {}
-        self._progress_id = None
-        self._last_histogram: dict | None = None
-        self._key = artifact_key(f"openeo-jobs-{context.flow.name if context else 'run'}")
-        self._reporter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefect-openeo-reporter")
-
-    def _later(self, fn: Any, *args: Any) -> None:
-        """Run ``fn(*args)`` in the reporter thread, in the caller's context (settings, flow run)."""
-        self._reporter.submit(contextvars.copy_context().run, fn, *args)
-
-    def row_status(self, index: Any, row: pd.Series, status: str) -> None:
-        self._later(self._row_status, index, row.copy(), status)
-
-    def _row_status(self, index: Any, row: pd.Series, status: str) -> None:
-        message = row.get("message") if hasattr(row, "get") else None
-        state = prefect_state(status, message if isinstance(message, str) else None)
-        self._emit(index, row, status)
-        try:
-            task_run_id = self._task_runs.get(index)
-            if task_run_id is None:
-                backend = row.get("backend_name") or "?"
-                job_id = row.get("id")
-                name = f"row {index} @ {backend}" + (f" ({job_id})" if isinstance(job_id, str) else "")
-                task_run = self._client.create_task_run(
-                    task=openeo_batch_job,
-                    flow_run_id=self.flow_run_id,
-                    dynamic_key=f"row-{index}",
-                    name=name,
-                    state=state,
-                )
-                self._task_runs[index] = task_run.id
-            else:
-                self._client.set_task_run_state(task_run_id, state, force=True)
-        except Exception as e:  # the UI is a view: never let it break the run
-            _log.warning(f"Could not update the Prefect state of row {index}: {e!r}")
-
-    def _emit(self, index: Any, row: pd.Series, status: str) -> None:
-        """An event per job transition, for Automations: ``openeo.job.<status>`` about
-        ``openeo.job.<backend>.<job id>``."""
-        backend = str(row.get("backend_name") or "none")
-        job_id = row.get("id")
-        job_id = job_id if isinstance(job_id, str) and job_id else f"row-{index}"
-        related = []
-        if self.flow_run_id is not None:
-            related.append(
-                {"prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}", "prefect.resource.role": "flow-run"}
+def summary_markdown(
+    df: pd.DataFrame,
+    stats: dict,
+    problems: dict,
+    *,
+    job_dir: Callable[[str], Path | str] | None = None,
+    root: Path | str | None = None,
+    catalog: Path | str | None = None,
+) -> str:
+    """A markdown summary: what the run came to, counts by status and backend, why rows failed (the backend's
+    reasons), rows needing attention, where the results are (and their STAC collection), the run stats."""
+    histogram = df["status"].value_counts().to_dict() if not df.empty else {}
+    lines = ["# openEO job run", "", f"**{RunOutcome(histogram).message}**", ""]
+    lines += ["| status | rows |", "|---|---:|"]
+    lines += [f"| {status} | {count} |" for status, count in sorted(histogram.items())]
+    table = status_table(df)
+    if table:
+        columns = list(dict.fromkeys(k for record in table for k in record))
+        lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(r.get(c, 0)) for c in columns) + " |" for r in table]
+    failed = df[df["status"].isin(FAILED_STATUSES)] if not df.empty else df
+    if not failed.empty:
+        messages = failed["message"] if "message" in failed.columns else pd.Series(None, index=failed.index)
+        reasons = messages.map(lambda m: _cell(m) or "(no reason recorded)")
+        lines += ["", "## Why rows failed", "", "| reason | rows |", "|---|---:|"]
+        counted = reasons.value_counts()
+        lines += [f"| {reason} | {count} |" for reason, count in counted.head(10).items()]
+        if len(counted) > 10:
+            lines.append(f"| ... {len(counted) - 10} more reasons | {int(counted.iloc[10:].sum())} |")
+        lines += ["", "| row | backend | job | status | reason |", "|---|---|---|---|---|"]
+        for index, row in failed.head(SUMMARY_FAILED_LIMIT).iterrows():
+            cells = [index, row.get("backend_name"), row.get("id"), row["status"]]
+            lines.append("| " + " | ".join(_cell(c, 60) for c in cells) + f" | {reasons[index]} |")
+        if len(failed) > SUMMARY_FAILED_LIMIT:
+            lines.append(
+                f"\n... and {len(failed) - SUMMARY_FAILED_LIMIT} more: the job database's `message` column has "
+                "every reason (`prefect-openeo status --json`)"
             )
-        try:
-            emit_event(
-                event=f"openeo.job.{status}",
-                resource={
-                    "prefect.resource.id": f"openeo.job.{backend}.{job_id}",
-                    "prefect.resource.name": f"row {index} @ {backend}",
-                    "openeo.row": str(index),
-                    "openeo.backend": backend,
-                    "openeo.job_id": job_id,
-                    "openeo.status": status,
-                },
-                related=related,
-                payload={"message": row.get("message") if isinstance(row.get("message"), str) else None},
-            )
-        except Exception as e:
-            _log.warning(f"Could not emit the event of row {index}: {e!r}")
-
-    def sweep_done(self, job_db: JobDatabaseInterface, stats: dict) -> None:
-        histogram = job_db.count_by_status()
-        if histogram == self._last_histogram:
-            return
-        self._last_histogram = histogram
-        total = sum(histogram.values())
-        done = sum(v for k, v in histogram.items() if k in TERMINAL)
-        progress = 100.0 * done / total if total else 100.0
-        try:
-            table = status_table(all_rows(job_db))
-        except Exception as e:
-            _log.warning(f"Could not update artifacts: {e!r}")
-            return
-        self._later(self._artifacts, progress, table)
-
-    def _artifacts(self, progress: float, table: list[dict]) -> None:
-        try:
-            if self._progress_id is None:
-                self._progress_id = create_progress_artifact(
-                    progress=progress, key=f"{self._key}-progress", description="Rows ended / all rows"
-                )
-            else:
-                update_progress_artifact(self._progress_id, progress)
-            create_table_artifact(
-                table=table,
-                key=f"{self._key}-status",
-                description="openEO job rows by backend and status (refreshed each sweep)",
-            )
-        except Exception as e:
-            _log.warning(f"Could not update artifacts: {e!r}")
-
-    def run_done(self, job_db: JobDatabaseInterface, stats: dict, problems: dict) -> None:
-        try:
-            self.sweep_done(job_db, stats)
-        finally:
-            self._reporter.shutdown(wait=True)  # the UI's last updates before the summary
-        try:
-            rows = all_rows(job_db)
-            create_markdown_artifact(
-                markdown=summary_markdown(self.manager, rows, stats, problems),
-                key=f"{self._key}-summary",
-                description="Summary of the openEO job run",
-            )
-        except Exception as e:
-            _log.warning(f"Could not write the run summary: {e!r}")
-        try:
-            root = self.manager._root_dir
-            with tempfile.TemporaryDirectory(prefix="prefect-openeo-pictures-") as scratch:
-                create_markdown_artifact(  # object storage: drawn in a temporary folder, only embedded
-                    markdown=pictures_markdown(rows, root if isinstance(root, Path) else scratch),
-                    key=f"{self._key}-pictures",
-                    description="Tiles by status, and jobs per backend over time",
-                )
-        except Exception as e:
-            _log.warning(f"Could not draw the run's pictures: {e!r}")
-        finally:
-            self._client.__exit__(None, None, None)
+    others = {i: m for i, m in problems.items() if i not in failed.index}
+    if others:
+        lines += ["", "## Rows needing attention", ""]
+        lines += [f"- row {i}: {_cell(message, 300)}" for i, message in list(others.items())[:SUMMARY_LINK_LIMIT]]
+    finished = df[df["status"] == "finished"] if not df.empty else df
+    if job_dir is not None and not finished.empty:
+        lines += ["", "## Results", ""]
+        if catalog is not None:
+            lines += [f"STAC collection: {result_link('collection.json', catalog)}", ""]
+        for index, row in finished.head(SUMMARY_LINK_LIMIT).iterrows():
+            lines.append(f"- row {index}: {result_link(row['id'], job_dir(row['id']))}")
+        if len(finished) > SUMMARY_LINK_LIMIT:
+            where = str(root.resolve()) if isinstance(root, Path) else root
+            lines.append(f"- ... and {len(finished) - SUMMARY_LINK_LIMIT} more under `{where}`")
+    lines += [
+        "",
+        f"Each job's task run is tagged `{JOB_TAG}` (and `backend:NAME`): filter the Task Runs tab by it.",
+        "",
+        "## Run stats",
+        "",
+        "```",
+        *(f"{k}: {v}" for k, v in sorted(stats.items())),
+        "```",
+    ]
+    return "\n".join(lines)
 
 
-def pictures_markdown(df: pd.DataFrame, folder) -> str:
+def _pictures(df: pd.DataFrame, root: Path | str | None) -> str:
+    if isinstance(root, Path):
+        return pictures_markdown(df, root)
+    with tempfile.TemporaryDirectory(prefix="prefect-openeo-pictures-") as scratch:  # only embedded
+        return pictures_markdown(df, scratch)
+
+
+def pictures_markdown(df: pd.DataFrame, folder: Path | str) -> str:
     """The map of tiles by status (when rows have geometry) and the timeline, saved as PNG in ``folder``
     and embedded in markdown (data URIs), so the pictures show in the artifact without a file server."""
-    import base64
-    from pathlib import Path
-
     from prefect_openeo.report import plot_map, plot_timeline
 
     folder = Path(folder)
@@ -252,32 +319,4 @@ def pictures_markdown(df: pd.DataFrame, folder) -> str:
     for title, path in pictures:
         data = base64.b64encode(path.read_bytes()).decode()
         lines += [f"## {title}", "", f"![{title}](data:image/png;base64,{data})", "", f"`{path.resolve()}`", ""]
-    return "\n".join(lines)
-
-
-def summary_markdown(manager: MultiBackendJobManager, df: pd.DataFrame, stats: dict, problems: dict) -> str:
-    """A markdown summary: counts by status and backend, rows lacking results, links to results."""
-    lines = ["# openEO job run", ""]
-    histogram = df["status"].value_counts().to_dict() if not df.empty else {}
-    lines.append("| status | rows |")
-    lines.append("|---|---|")
-    lines += [f"| {status} | {count} |" for status, count in sorted(histogram.items())]
-    table = status_table(df)
-    if table:
-        columns = list(dict.fromkeys(k for record in table for k in record))
-        lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(str(r.get(c, 0)) for c in columns) + " |" for r in table]
-    if problems:
-        lines += ["", "## Rows needing attention", ""]
-        lines += [f"- row {index}: {message}" for index, message in list(problems.items())[:SUMMARY_LINK_LIMIT]]
-    finished = df[df["status"] == "finished"] if not df.empty else df
-    if manager._download_results and not finished.empty:
-        lines += ["", "## Results", "", f"STAC collection: [collection.json]({catalog_url(manager.result_store)})", ""]
-        for index, row in finished.head(SUMMARY_LINK_LIMIT).iterrows():
-            job_dir = manager.get_job_dir(row["id"])  # a Path, or a URL on object storage
-            link = job_dir.resolve().as_uri() if isinstance(job_dir, Path) else job_dir
-            lines.append(f"- row {index}: [{row['id']}]({link})")
-        if len(finished) > SUMMARY_LINK_LIMIT:
-            lines.append(f"- ... and {len(finished) - SUMMARY_LINK_LIMIT} more under `{manager._root_dir}`")
-    lines += ["", "## Run stats", "", "```", *(f"{k}: {v}" for k, v in sorted(stats.items())), "```"]
     return "\n".join(lines)

@@ -475,9 +475,12 @@ def test_odc_stac_finds_the_items_their_time_footprint_and_downloaded_files(open
 
 
 def test_the_run_summary_links_the_collection(tmp_path):
+    from prefect_openeo.catalog import catalog_location
     from prefect_openeo.observe import summary_markdown
 
     manager = MultiBackendJobManager(root_dir=tmp_path / "results")
     rows = pd.DataFrame({"status": ["finished"], "id": ["j-1"], "backend_name": ["sim"]})
-    markdown = summary_markdown(manager, rows, {}, {})
-    assert f"STAC collection: [collection.json]({(tmp_path / 'results' / COLLECTION_FILENAME).as_uri()})" in markdown
+    markdown = summary_markdown(
+        rows, {}, {}, job_dir=manager.get_job_dir, catalog=catalog_location(manager.result_store)
+    )  # a plain path: a browser opens no file:// link from a web page
+    assert f"STAC collection: `collection.json`: `{tmp_path / 'results' / COLLECTION_FILENAME}`" in markdown

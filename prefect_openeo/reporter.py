@@ -1,0 +1,378 @@
+"""The reporter: one background thread per flow run sends what the run shows in Prefect (per-job task-run
+states with a log line for each failure, events, artifacts), so that the engine's loop never waits on the
+Prefect API.
+
+Updates are coalesced while they wait: the latest state per row (a terminal state is kept, never replaced by
+a later one), the latest data per artifact. Events are kept in order, bounded: past ``max_events`` waiting,
+events of non-terminal transitions are dropped first. A slow or unreachable API slows the reporting, never
+the jobs: a failed request is tried again later (backing off), with whatever newer updates came meanwhile.
+``close`` sends what is left, waiting a bounded time, and says what it could not send.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import datetime
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate, LogCreate
+from prefect.events import emit_event
+from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
+
+from prefect_openeo.states import TERMINAL
+
+_log = logging.getLogger("prefect_openeo")
+
+#: How long the reporter lets updates gather before sending them (seconds).
+LINGER = 0.3
+#: Events waiting to be sent, at most (then non-terminal ones are dropped).
+MAX_EVENTS = 10_000
+#: Waits after a failed request: the first, and the longest (seconds).
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 10.0
+#: Statuses whose task run gets a log line saying why.
+FAILURES = ("error", "start_failed", "canceled")
+
+
+def prefect_state(status: str, message: str | None = None, timestamp: datetime.datetime | None = None) -> State:
+    """The Prefect state that shows a row's status in the UI."""
+    extra: dict[str, Any] = {"timestamp": timestamp} if timestamp is not None else {}
+    if status in ("not_started", "created", "queued_for_start", "queued"):
+        name = "".join(part.capitalize() for part in status.split("_"))
+        return Pending(name=name, message=message, **extra)
+    if status == "running":
+        return Running(message=message, **extra)
+    if status == "finished":
+        return Completed(name="Finished", message=message, **extra)
+    if status == "skipped":
+        return Completed(name="Skipped", message=message, **extra)
+    if status == "canceled":
+        return Cancelled(name="Canceled", message=message, **extra)
+    if status in ("error", "start_failed"):
+        return Failed(name="Error" if status == "error" else "StartFailed", message=message, **extra)
+    raise ValueError(f"Unknown status {status!r}")
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    """A row's new status, as the engine saw it."""
+
+    index: Any
+    status: str
+    backend: str | None
+    job_id: str | None
+    message: str | None
+    at: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def coalesce(updates: list[RowUpdate]) -> list[RowUpdate]:
+    """A row's waiting updates: its terminal ones, in order, and the latest."""
+    return [u for u in updates[:-1] if u.terminal] + updates[-1:]
+
+
+@dataclass
+class _Artifact:
+    key: str
+    type: str
+    description: str
+    #: The data, or a function that makes it (called in the reporter's thread: e.g. drawing pictures).
+    data: Any
+    once: bool = False
+
+
+@dataclass
+class Unreported:
+    """What ``close`` could not send in time."""
+
+    rows: list = field(default_factory=list)
+    events: int = 0
+    dropped_events: int = 0
+    artifacts: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.events or self.dropped_events or self.artifacts)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.rows:
+            shown = ", ".join(str(i) for i in self.rows[:10]) + (", ..." if len(self.rows) > 10 else "")
+            parts.append(f"the task-run states of {len(self.rows)} row(s) ({shown})")
+        if self.events or self.dropped_events:
+            parts.append(f"{self.events + self.dropped_events} event(s)")
+        if self.artifacts:
+            parts.append(f"artifact(s) {', '.join(self.artifacts)}")
+        why = f" (last error: {self.error})" if self.error else ""
+        return "; ".join(parts) + why
+
+
+class Reporter:
+    """Sends row states, events and artifacts of one flow run to the Prefect API from its own thread.
+
+    :param flow_run_id: the flow run the task runs, logs, events and artifacts belong to.
+    :param task: the task whose runs mirror jobs (its key and tags), created with ``client.create_task_run``.
+    :param client_factory: makes the (sync) Prefect client, in the reporter's thread.
+    :param name: how a row's task run is named, from its first update.
+    :param tags: extra tags of a row's task run, from its first update.
+    :param max_events: events waiting, at most (then non-terminal ones are dropped, and counted).
+    :param linger: seconds to let updates gather before sending them.
+    """
+
+    def __init__(
+        self,
+        flow_run_id: uuid.UUID | None,
+        task: Any,
+        client_factory: Callable[[], Any],
+        *,
+        name: Callable[[RowUpdate], str] = lambda u: f"row {u.index}",
+        tags: Callable[[RowUpdate], list[str]] = lambda u: [],
+        max_events: int = MAX_EVENTS,
+        linger: float = LINGER,
+    ):
+        self.flow_run_id = flow_run_id
+        self._task = task
+        self._client_factory = client_factory
+        self._name, self._tags = name, tags
+        self._max_events, self._linger = max_events, linger
+        self._lock = threading.Condition()
+        self._rows: dict[Any, list[RowUpdate]] = {}
+        self._events: collections.deque[RowUpdate] = collections.deque()
+        self._artifacts: dict[str, _Artifact] = {}
+        self._closing = False
+        #: ``close`` stopped waiting: the thread ends after the request it may be stuck in.
+        self._abandoned = False
+        #: Task-run ids, chosen here (so events can name them before they exist); those created.
+        self._ids: dict[Any, uuid.UUID] = {}
+        self._created: set = set()
+        self._artifact_ids: dict[str, uuid.UUID] = {}
+        self._in_flight: dict[str, Any] = {}
+        self.dropped_events = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.sent = collections.Counter()
+        context = contextvars.copy_context()  # the settings (API URL) of the caller
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name="prefect-openeo-reporter", daemon=True
+        )
+        self._thread.start()
+
+    # -- the engine's side: hand over, never wait ---------------------------------------------------
+    def row(self, update: RowUpdate) -> None:
+        """A row's new status: its task run's state (and an event)."""
+        with self._lock:
+            self._ids.setdefault(update.index, uuid.uuid4())
+            self._rows[update.index] = coalesce([*self._rows.get(update.index, []), update])
+            if len(self._events) < self._max_events or self._drop_an_event(update):
+                self._events.append(update)
+            self._lock.notify()
+
+    def task_run_id(self, index: Any) -> uuid.UUID | None:
+        """The id of a row's task run (known from its first update on, before it is created)."""
+        with self._lock:
+            return self._ids.get(index)
+
+    def artifact(self, key: str, type: str, data: Any, description: str = "", *, once: bool = False) -> None:
+        """Create the artifact ``key`` (``progress``, ``table``: JSON-able records, ``markdown``), or update it
+        in place (one card per key): only the latest data waiting is sent. ``data`` may be a function that
+        makes it. ``once``: created once, never updated (e.g. the summary)."""
+        with self._lock:
+            self._artifacts[key] = _Artifact(key, type, description, data, once)
+            self._lock.notify()
+
+    def close(self, timeout: float) -> Unreported:
+        """Send what is waiting, for at most ``timeout`` seconds; what could not be sent."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._thread.join(timeout)
+        with self._lock:
+            self._abandoned = self._thread.is_alive()
+            self._lock.notify()
+            rows = sorted(
+                {*self._rows, *self._in_flight.get("rows", {})},
+                key=lambda i: (str(type(i)), i),
+            )
+            return Unreported(
+                rows=rows,
+                events=len(self._events) + len(self._in_flight.get("events", [])),
+                dropped_events=self.dropped_events,
+                artifacts=sorted({*self._artifacts, *self._in_flight.get("artifacts", {})}),
+                error=self.last_error,
+            )
+
+    def _drop_an_event(self, incoming: RowUpdate) -> bool:
+        """The queue is full: drop its oldest non-terminal event; whether ``incoming`` may join (a non-terminal
+        one is dropped when only terminal events wait)."""
+        for i, waiting in enumerate(self._events):
+            if not waiting.terminal:
+                del self._events[i]
+                self.dropped_events += 1
+                return True
+        if incoming.terminal:  # only terminal events wait: keep them all
+            return True
+        self.dropped_events += 1
+        return False
+
+    # -- the reporter's thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        client = None
+        backoff = 0.0
+        while not self._abandoned:
+            if backoff:
+                time.sleep(backoff)  # after a failure, even while closing: never hammer an API that is down
+            with self._lock:
+                self._lock.wait_for(lambda: self._closing or self._rows or self._events or self._artifacts)
+                if not self._closing:  # let a burst come in whole (a sweep's created and queued: one write)
+                    self._lock.wait_for(lambda: self._closing, self._linger)
+                if not (self._rows or self._events or self._artifacts):
+                    break  # closing, and nothing left
+                batch = {"rows": self._rows, "events": list(self._events), "artifacts": self._artifacts}
+                self._rows, self._events, self._artifacts = {}, collections.deque(), {}
+                self._in_flight = batch
+            try:
+                if client is None:
+                    fresh = self._client_factory()
+                    fresh.__enter__()
+                    client = fresh
+                self._send(client, batch)
+                backoff = 0.0
+            except Exception as e:  # the API is slow or down: keep what is left, try again later
+                self.failures += 1
+                self.last_error = repr(e)[:300]
+                if self.failures == 1:
+                    _log.warning(f"Could not report to the Prefect API ({e!r}); trying again, the run goes on")
+                backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * backoff))
+            finally:
+                with self._lock:
+                    if not self._abandoned:  # else ``close`` has said what was left
+                        self._put_back(self._in_flight)
+                        self._in_flight = {}
+        if client is not None:
+            client.__exit__(None, None, None)
+
+    def _put_back(self, batch: dict) -> None:
+        """Return what a batch did not send, merged with what came meanwhile (the newer wins)."""
+        if not batch:
+            return
+        for index, updates in batch["rows"].items():
+            if updates:
+                self._rows[index] = coalesce([*updates, *self._rows.get(index, [])])
+        self._events.extendleft(reversed(batch["events"]))
+        for key, artifact in batch["artifacts"].items():
+            self._artifacts.setdefault(key, artifact)
+
+    def _send(self, client: Any, batch: dict) -> None:
+        """Send a batch, removing from it what was sent (so a failure leaves only the rest)."""
+        events, rows, artifacts = batch["events"], batch["rows"], batch["artifacts"]
+        logs = []
+        for index in list(rows):
+            while rows[index]:
+                update = rows[index][0]
+                self._set_state(client, update)
+                rows[index].pop(0)
+                self.sent["states"] += 1
+                if update.status in FAILURES and update.message:
+                    logs.append(self._log_line(update))
+            del rows[index]
+        if logs:
+            client.create_logs(logs)
+            self.sent["logs"] += len(logs)
+        while events:  # after the states: an event names its row's task run
+            self._emit(events[0])
+            events.pop(0)
+            self.sent["events"] += 1
+        for key in list(artifacts):
+            self._send_artifact(client, artifacts[key])
+            del artifacts[key]
+            self.sent["artifacts"] += 1
+
+    def _set_state(self, client: Any, update: RowUpdate) -> None:
+        state = prefect_state(update.status, update.message, update.at)
+        task_run_id = self._ids[update.index]
+        if update.index not in self._created:
+            task_run = client.create_task_run(
+                task=self._task,
+                flow_run_id=self.flow_run_id,
+                dynamic_key=f"row-{update.index}",
+                id=task_run_id,
+                name=self._name(update),
+                extra_tags=self._tags(update),
+                state=state,
+            )
+            self._created.add(update.index)
+            if task_run.id != task_run_id:  # created by an earlier attempt of this flow run: use that one
+                with self._lock:
+                    self._ids[update.index] = task_run_id = task_run.id
+            if task_run.state is not None and task_run.state.name == state.name:
+                return
+        client.set_task_run_state(task_run_id, state, force=True)
+
+    def _log_line(self, update: RowUpdate) -> LogCreate:
+        job = f" (job {update.job_id})" if update.job_id else ""
+        return LogCreate(
+            name="prefect_openeo",
+            level=logging.WARNING if update.status == "canceled" else logging.ERROR,
+            message=f"Row {update.index} ended {update.status} on backend {update.backend}{job}: {update.message}",
+            timestamp=update.at,
+            flow_run_id=self.flow_run_id,
+            task_run_id=self._ids[update.index],
+        )
+
+    def _emit(self, update: RowUpdate) -> None:
+        """``openeo.job.<status>`` about ``openeo.job.<backend>.<job id>``, related to the flow run and the
+        row's task run (for Automations)."""
+        backend = update.backend or "none"
+        job_id = update.job_id or f"row-{update.index}"
+        related = [
+            {"prefect.resource.id": f"prefect.task-run.{self._ids[update.index]}", "prefect.resource.role": "task-run"}
+        ]
+        if self.flow_run_id is not None:
+            related.append(
+                {"prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}", "prefect.resource.role": "flow-run"}
+            )
+        emit_event(
+            event=f"openeo.job.{update.status}",
+            resource={
+                "prefect.resource.id": f"openeo.job.{backend}.{job_id}",
+                "prefect.resource.name": f"row {update.index} @ {backend}",
+                "openeo.row": str(update.index),
+                "openeo.backend": backend,
+                "openeo.job_id": job_id,
+                "openeo.status": update.status,
+            },
+            occurred=update.at,
+            related=related,
+            payload={"message": update.message},
+        )
+
+    def _send_artifact(self, client: Any, artifact: _Artifact) -> None:
+        data = artifact.data() if callable(artifact.data) else artifact.data
+        if artifact.type == "table":
+            data = json.dumps(data)
+        artifact.data = data  # made once, even if sending fails
+        artifact_id = self._artifact_ids.get(artifact.key)
+        if artifact_id is None or artifact.once:
+            created = client.create_artifact(
+                ArtifactCreate(
+                    key=artifact.key,
+                    type=artifact.type,
+                    description=artifact.description,
+                    data=data,
+                    flow_run_id=self.flow_run_id,
+                )
+            )
+            self._artifact_ids[artifact.key] = created.id
+        else:
+            client.update_artifact(artifact_id, ArtifactUpdate(data=data))
