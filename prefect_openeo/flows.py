@@ -26,6 +26,7 @@ from pydantic.json_schema import SkipJsonSchema
 from prefect_openeo.fanout import cancel_fan_out_workers, check_shareable, fan_out
 from prefect_openeo.jobdb.local import JobDatabaseBusy
 from prefect_openeo.manager import MultiBackendJobManager
+from prefect_openeo.outcome import check_threshold, final_state
 from prefect_openeo.parameters import (
     BLOCK_PREFIX,
     BackendSpec,
@@ -292,6 +293,7 @@ def run_openeo_jobs(
     global_concurrency: bool = True,
     cancel_backend_jobs: bool = False,
     workers: Annotated[int, Field(ge=1)] = 1,
+    fail_when_failed_rows: int | float | None = None,
 ) -> dict:
     """Run one openEO batch job per row of a job database, across backends, until every row ended.
 
@@ -325,15 +327,21 @@ def run_openeo_jobs(
             `coordinator:<this run>`), which may run on other machines, waits for them, and ends Failed when one
             of them failed. They share job_db and root_dir, so job_db must be a server database (PostgreSQL) and
             root_dir object storage (s3://...), unless download_results is off.
+        fail_when_failed_rows: End the flow run Failed when at least this many rows failed (a whole number), or
+            this fraction of all rows (a number in (0, 1]); rows that ended error, start_failed or canceled
+            count. Left empty, the flow run ends Completed, its message saying how many rows failed.
 
     Returns:
-        The run stats, as openeo's `MultiBackendJobManager.run_jobs`. A run that finds another one working on
-        the same CSV/Parquet job database (a lock file beside it) ends Cancelled at once. With workers > 1, a
-        state that says how the worker flow runs ended.
+        The run stats, as openeo's `MultiBackendJobManager.run_jobs`: the result of the flow run's final
+        state, whose message says what the run came to (e.g. "7 of 10 rows ended in error"). Past
+        fail_when_failed_rows the flow run is Failed and raises `TooManyFailedRows` (which has the stats). A
+        run that finds another one working on the same CSV/Parquet job database (a lock file beside it) ends
+        Cancelled at once. With workers > 1, a state that says how the worker flow runs ended.
     """
     refuse_plain_secrets({"backends": backends, "job_db": job_db, "root_dir": root_dir})  # runs created through the API
     logger = get_run_logger()
     logger.info(f"Working directory: {Path.cwd()}")  # where relative paths point (a worker's folder, on its machine)
+    check_threshold(fail_when_failed_rows)
     if not backends:
         raise ValueError("run_openeo_jobs needs at least one backend")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -379,4 +387,6 @@ def run_openeo_jobs(
         logger.warning(f"{e}: this run leaves it to that one and ends")
         return Cancelled(message=f"{e}: this run leaves it to that one and ends")
     logger.info(f"Run stats: {dict(stats)}")
-    return dict(stats)
+    from prefect_openeo.jobdb import resolve_job_db
+
+    return final_state(resolve_job_db(job_db).count_by_status(), stats, fail_when_failed_rows)

@@ -55,6 +55,8 @@ def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_fac
     assert set(df["status"]) <= {"finished", "error"} and len(df) == 10
     assert stats["job finished"] == (df["status"] == "finished").sum()
     assert stats["job failed"] == (df["status"] == "error").sum() > 0
+    # The flow run says what happened; the stats stay its result.
+    assert state.message == f"{stats['job failed']} of 10 rows ended in error"
 
     task_runs, artifacts = flow_run_records(state.state_details.flow_run_id)
     # One task run per job whose state follows the backend job, tagged to be found among the others.
@@ -88,7 +90,7 @@ def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_fac
         assert by_backend[name]["cpu"].endswith(" cpu-seconds")
         assert sum(by_backend[name].get(s, 0) for s in ("finished", "error")) == len(group)
     (summary,) = [a for a in by_type["markdown"] if a.key.endswith("-summary")]
-    assert "# openEO job run" in summary.data and f"{stats['job failed']} of 10 rows ended in error" in summary.data
+    assert "# openEO job run" in summary.data and state.message in summary.data
     (pictures,) = [a for a in by_type["markdown"] if a.key.endswith("-pictures")]
     assert "![Jobs per backend over time](data:image/png;base64," in pictures.data
     assert (tmp_path / "results" / "openeo-jobs-timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -361,3 +363,42 @@ def test_flow_takes_a_process_based_job_creator_spec(openeo_simulator, tmp_path)
         assert node["process_id"] == "tile_ndvi" and node["arguments"]["scale"] == 0.5
     with pytest.raises(ValueError, match="needs process_id and/or namespace"):
         load_callable({"parameter_defaults": {}})
+
+
+def test_the_flow_runs_state_says_how_many_rows_failed_and_too_many_fail_it(openeo_simulator, tmp_path):
+    """Completed with "4 of 4 rows ended in error" and the stats as its result; with fail_when_failed_rows (a
+    count or a fraction) reached, Failed with that message, raising TooManyFailedRows (which has the stats)."""
+    from prefect_openeo.flows import run_openeo_jobs
+    from prefect_openeo.outcome import TooManyFailedRows
+
+    openeo_simulator.config.failure_rate = 1.0
+    params = dict(
+        job_db=str(tmp_path / "jobs.csv"),
+        backends={"sim": openeo_simulator.url},
+        start_job=ndvi_job,
+        poll_sleep=0.1,
+        root_dir=str(tmp_path),
+    )
+    state = run_openeo_jobs(df=tiles_df(4), return_state=True, **params)
+    assert state.is_completed() and state.message == "4 of 4 rows ended in error"
+    assert state.result()["job failed"] == 4
+
+    # The same job database again (nothing left to run): a count, then a fraction, reached.
+    state = run_openeo_jobs(fail_when_failed_rows=4, return_state=True, **params)
+    assert state.is_failed()
+    assert state.message == "4 of 4 rows ended in error, reaching fail_when_failed_rows=4"
+    with pytest.raises(TooManyFailedRows, match="4 of 4 rows ended in error") as info:
+        state.result()
+    assert isinstance(info.value.stats, dict) and info.value.stats.get("start_job call", 0) == 0  # this run's
+    with pytest.raises(TooManyFailedRows, match=r"reaching fail_when_failed_rows=0\.5"):
+        run_openeo_jobs(fail_when_failed_rows=0.5, **params)
+    assert run_openeo_jobs(fail_when_failed_rows=5, return_state=True, **params).is_completed()
+
+    # A threshold that cannot be meant fails the flow run before any job is created.
+    state = run_openeo_jobs(
+        **{**params, "job_db": str(tmp_path / "new.csv")}, df=tiles_df(2), fail_when_failed_rows=0, return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="must be at least 1"):
+        state.result()
+    assert openeo_simulator.created_count() == 4
