@@ -1,8 +1,8 @@
 """``MultiBackendJobManager``: openeo's class, rebuilt on the prefect-openeo engine.
 
 Outside a Prefect flow run, ``run_jobs`` runs the engine in-process with no Prefect API at all (Prefect
-is not even imported). Inside a flow run, each lifecycle step runs as a Prefect task with artifacts and
-per-job states in the UI.
+is not even imported). Inside a flow run, each backend's sweep runs as a Prefect task, with per-job task-run
+states, events and artifacts reported in the background (``prefect_openeo.observe``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The lifecycle actions of one batch job, as plain functions.
 
 The engine calls these directly outside a flow run; inside one, ``prefect_openeo.tasks`` runs a backend's
-work of a sweep (``run_lane``) and each download as a Prefect task (a task run in the UI). Nothing here
-imports Prefect.
+work of a sweep (``run_lane``) as a Prefect task (a task run in the UI). Nothing here imports Prefect.
 """
 
 from __future__ import annotations

@@ -1,16 +1,19 @@
 """Prefect tasks for the lifecycle steps of openEO batch jobs.
 
 Inside a flow run, a backend's work of one sweep (reconcile, sweep statuses, cancel, start, create: what
-``prefect_openeo.lanes.BackendWork`` does) is one task run, and each result download is one; every job also
-has its own task run whose state follows the backend job (``prefect_openeo.observe``). Work that will not
-ask the backend anything (a sweep that can learn nothing yet) runs without a task run.
+``prefect_openeo.lanes.BackendWork`` does) is one task run; every job has its own task run whose state
+follows the backend job (``prefect_openeo.observe``). Work that will not ask the backend anything (a sweep
+that can learn nothing yet) runs without a task run. Result downloads run as plain functions, retried by the
+engine as outside a flow run: a task run per download meant three more state records per job for the
+Prefect server, which at 1,000 jobs kept a SQLite server too busy to record the jobs' own states in time
+(a failed download shows in the row's message and the run's summary).
 
-These tasks run in worker threads (a backend's lane, a download), where Prefect cannot enforce
-``timeout_seconds``: every request has a timeout instead (openeo's default: 20 minutes). Nothing is cached.
-They carry no tags: Prefect takes a slot of each tag's concurrency limit through the API before a tagged task
-runs, a round trip per task run that would hold up the sweep (the per-job task runs, which are created and
-never run, carry the tags). A lane's work is not retried by Prefect: it calls the user's ``start_job``, which
-is not idempotent (a retry could create a second backend job), and the next sweep tries again anyway.
+The task runs in a worker thread (the backend's lane), where Prefect cannot enforce ``timeout_seconds``:
+every request has a timeout instead (openeo's default: 20 minutes). Nothing is cached. It carries no tags:
+Prefect takes a slot of each tag's concurrency limit through the API before a tagged task runs, a round trip
+per task run that held sweeps up (the per-job task runs, created and never run, carry the tags). It is not
+retried by Prefect: it calls the user's ``start_job``, which is not idempotent (a retry could create a
+second backend job), and the next sweep tries again anyway.
 """
 
 from __future__ import annotations
@@ -20,9 +23,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
-from prefect_openeo import steps
 from prefect_openeo.steps import Steps
 
 #: Tag of the task runs that mirror openEO batch jobs (one per job: filter on it in the UI).
@@ -48,18 +49,7 @@ def run_lane(work: Callable[[], Any]) -> Any:
     return sweep_backend(work, work.backend.name)
 
 
-download_results = task(
-    steps.download_results,
-    name="download openEO job results",
-    task_run_name="download {job.job_id}",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=10),
-    retry_jitter_factor=0.5,
-)
-
-
 def prefect_steps() -> Steps:
-    """The engine's steps inside a flow run: a task run per backend sweep and per download; the steps of a
-    sweep run as plain functions inside its task run."""
-    return Steps(run_lane=run_lane, download_results=download_results)
+    """The engine's steps inside a flow run: a task run per backend sweep (its steps run as plain functions
+    inside it); the rest as outside a flow run."""
+    return Steps(run_lane=run_lane)

@@ -70,11 +70,11 @@ def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_fac
         if row["status"] == "error":  # the backend's reason, as in the row
             assert run.state.message == row["message"] and "simulated error" in row["message"]
     # Bookkeeping stays small: one task run per backend sweep that asked the backend something (creating,
-    # starting and sweeping together), one per download; none for error logs (read by the sweep).
+    # starting and sweeping together); none per download or for error logs (read by the sweep).
     kinds = collections.Counter(t.name.split(" ")[0] for t in task_runs if "openeo-job" not in t.tags)
-    assert set(kinds) == {"sweep", "download"}, kinds
-    assert kinds["download"] == (df["status"] == "finished").sum()
+    assert set(kinds) == {"sweep"}, kinds
     assert kinds["sweep"] <= 2 * stats["run_jobs loop"]
+    assert stats["job download"] == (df["status"] == "finished").sum()
     assert all(t.state.is_final() for t in task_runs)
 
     # One card per artifact kind: progress, the status table (updated in place), the summary, the pictures.
@@ -117,7 +117,7 @@ def test_dropin_manager_inside_a_user_flow_runs_steps_as_tasks(openeo_simulator,
     assert state.result()["job finished"] == 3
     task_runs, _ = flow_run_records(state.state_details.flow_run_id)
     names = {t.name.split(" ")[0] for t in task_runs}
-    assert names == {"sweep", "download", "row"}
+    assert names == {"sweep", "row"}
 
 
 def test_flow_fails_when_the_run_itself_fails_and_keeps_the_job_db(openeo_simulator, tmp_path):
