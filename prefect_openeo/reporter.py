@@ -38,8 +38,8 @@ MAX_EVENTS = 10_000
 #: Waits after a failed request: the first, and the longest (seconds).
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
-#: Statuses whose task run gets a log line saying why.
-FAILURES = ("error", "start_failed", "canceled")
+#: Statuses whose task run gets a log line saying why, and how it says they ended.
+ENDED = {"error": "ended in error", "start_failed": "could not be started", "canceled": "was canceled"}
 
 
 def prefect_state(status: str, message: str | None = None, timestamp: datetime.datetime | None = None) -> State:
@@ -163,15 +163,16 @@ class Reporter:
         self.last_error: str | None = None
         self.sent = collections.Counter()
         context = contextvars.copy_context()  # the settings (API URL) of the caller
+        #: Started with the first update (a run that fails before its first sweep leaves no thread behind).
         self._thread = threading.Thread(
             target=context.run, args=(self._run,), name="prefect-openeo-reporter", daemon=True
         )
-        self._thread.start()
 
     # -- the engine's side: hand over, never wait ---------------------------------------------------
     def row(self, update: RowUpdate) -> None:
         """A row's new status: its task run's state (and an event)."""
         with self._lock:
+            self._start()
             self._ids.setdefault(update.index, uuid.uuid4())
             self._rows[update.index] = coalesce([*self._rows.get(update.index, []), update])
             if len(self._events) < self._max_events or self._drop_an_event(update):
@@ -188,15 +189,21 @@ class Reporter:
         in place (one card per key): only the latest data waiting is sent. ``data`` may be a function that
         makes it. ``once``: created once, never updated (e.g. the summary)."""
         with self._lock:
+            self._start()
             self._artifacts[key] = _Artifact(key, type, description, data, once)
             self._lock.notify()
+
+    def _start(self) -> None:
+        if self._thread.ident is None and not self._closing:
+            self._thread.start()
 
     def close(self, timeout: float) -> Unreported:
         """Send what is waiting, for at most ``timeout`` seconds; what could not be sent."""
         with self._lock:
             self._closing = True
             self._lock.notify()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
         with self._lock:
             self._abandoned = self._thread.is_alive()
             self._lock.notify()
@@ -283,7 +290,7 @@ class Reporter:
                 self._set_state(client, update)
                 rows[index].pop(0)
                 self.sent["states"] += 1
-                if update.status in FAILURES and update.message:
+                if update.status in ENDED and update.message:
                     logs.append(self._log_line(update))
             del rows[index]
         if logs:
@@ -324,7 +331,7 @@ class Reporter:
         return LogCreate(
             name="prefect_openeo",
             level=logging.WARNING if update.status == "canceled" else logging.ERROR,
-            message=f"Row {update.index} ended {update.status} on backend {update.backend}{job}: {update.message}",
+            message=f"Row {update.index} {ENDED[update.status]} on backend {update.backend}{job}: {update.message}",
             timestamp=update.at,
             flow_run_id=self.flow_run_id,
             task_run_id=self._ids[update.index],

@@ -264,7 +264,7 @@ def test_a_failed_jobs_reason_is_in_its_task_run_log_event_and_summary(openeo_si
             assert run.state.is_failed() and run.state.message == reason
             logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id])))
             assert [log.message for log in logs] == [
-                f"Row {index} ended error on backend sim (job {row['id']}): {reason}"
+                f"Row {index} ended in error on backend sim (job {row['id']}): {reason}"
             ]
             (event,) = [e for e in events if e["resource"]["openeo.job_id"] == row["id"]]
             assert event["payload"]["message"] == reason
