@@ -47,7 +47,7 @@ from prefect_openeo.lanes import (
     LaneResult,
     run_in_thread,
 )
-from prefect_openeo.placement import assign_rows
+from prefect_openeo.placement import SlotGate, assign_rows
 from prefect_openeo.states import TERMINAL
 from prefect_openeo.steps import Steps
 
@@ -91,23 +91,6 @@ __all__ = [
     "MESSAGE_COLUMN",
     "TOKEN_COLUMN",
 ]
-
-
-class SlotGate:
-    """Slots shared beyond this run (e.g. Prefect global concurrency limits). The default grants all."""
-
-    def acquire(self, backend: str, indices: list) -> list:
-        """The rows among ``indices`` (in order) that may be created on ``backend`` now."""
-        return indices
-
-    def release(self, index: Any) -> None:  # noqa: B027
-        """Row ``index`` ended (or was not created): give its slot back."""
-
-    def renew(self) -> None:  # noqa: B027
-        """Called once per sweep: keep the slots of active jobs."""
-
-    def close(self) -> None:  # noqa: B027
-        """The run ends: give every slot back."""
 
 
 class Observer:
@@ -202,6 +185,7 @@ class JobEngine:
             adaptive_sweeps=self.settings.cancel_after is None,
             on_error=self.settings.on_error,
             on_cancel=self.settings.on_cancel,
+            gate=self.gate,
         )
         #: Budgets per backend (``parallel_jobs``; for a shared database, the one recorded in it).
         self._budgets = {name: backend.parallel_jobs for name, backend in self.backends.items()}
@@ -400,6 +384,8 @@ class JobEngine:
         self._note_availability(result.backend, result.unavailable)
         self._persist(result.rows, result.changed)
         self._problems.update(result.problems)
+        if result.refused:  # no slot in the shared limit now: the rows wait for a later sweep
+            self.rows.unclaim(result.refused)
         self._note_start_job_calls(result.start_job_calls)
         for index, status in result.notes:
             self.observer.row_status(index, result.rows.loc[index], status)
@@ -485,12 +471,7 @@ class JobEngine:
         if planned.empty:
             return {}
         by_backend = planned[PLANNED_COLUMN]
-        claimed = {name: list(planned.index[by_backend == name]) for name in self.backends}
-        plan = {name: self.gate.acquire(name, rows) for name, rows in claimed.items() if rows}
-        refused = [i for name, rows in claimed.items() for i in rows if i not in set(plan.get(name, []))]
-        if refused:
-            self.rows.unclaim(refused)
-        return {name: planned.loc[rows] for name, rows in plan.items() if rows}
+        return {name: planned[by_backend == name] for name in self.backends if (by_backend == name).any()}
 
     # -- downloads --------------------------------------------------------------------------------
     def _start_downloads(self) -> None:

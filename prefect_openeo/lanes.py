@@ -30,6 +30,7 @@ from openeo.util import deep_get, rfc3339
 
 from prefect_openeo.backends import Backend, BackendUnavailable, JobReport
 from prefect_openeo.frames import blank, set_cell
+from prefect_openeo.placement import SlotGate
 from prefect_openeo.reasons import failure_reason
 from prefect_openeo.states import ACTIVE, TERMINAL, Event, observe
 from prefect_openeo.steps import Steps
@@ -132,6 +133,8 @@ class LaneConfig:
     #: Called when a job ended in error, with its error log entries (the default saves them as JSON).
     on_error: Callable[[BatchJob, pd.Series, list[dict]], None]
     on_cancel: Callable[[BatchJob, pd.Series], None]
+    #: Slots shared beyond this run, taken here (in the backend's thread) just before creating jobs.
+    gate: SlotGate = field(default_factory=SlotGate)
 
 
 @dataclass
@@ -151,6 +154,8 @@ class LaneResult:
     creations: set = field(default_factory=set)
     #: Why the backend could not be used this time (it is down): the work did nothing.
     unavailable: str | None = None
+    #: Planned rows that got no slot of the shared limit (``gate``): not created, to be given back.
+    refused: list = field(default_factory=list)
     #: Outcomes of ``start_job`` calls, in order: (row, None) for a job created, (row, outcome) for a failure.
     start_job_calls: list[tuple[Any, Any]] = field(default_factory=list)
 
@@ -204,7 +209,10 @@ class BackendWork:
         adopted = self._reconcile(self.unresolved_indices)
         self._track(self.active_indices + adopted)
         if self.new_indices:
-            self._track(self._create(self.new_indices))
+            granted = self.config.gate.acquire(self.backend.name, self.new_indices)
+            self.result.refused = [i for i in self.new_indices if i not in set(granted)]
+            if granted:
+                self._track(self._create(granted))
         return self.result
 
     # -- bookkeeping helpers ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 import pandas as pd
 from openeo.util import rfc3339
@@ -53,3 +54,20 @@ def assign_rows(candidates: pd.DataFrame, free: Mapping[str, int], order: list[s
             if sum(max(0, f) for f in free.values()) <= 0:
                 break
     return plan
+
+
+class SlotGate:
+    """Slots shared beyond this run (e.g. Prefect global concurrency limits). The default grants all."""
+
+    def acquire(self, backend: str, indices: list) -> list:
+        """The rows among ``indices`` (in order) that may be created on ``backend`` now."""
+        return indices
+
+    def release(self, index: Any) -> None:  # noqa: B027
+        """Row ``index`` ended (or was not created): give its slot back."""
+
+    def renew(self) -> None:  # noqa: B027
+        """Called once per sweep: keep the slots of active jobs."""
+
+    def close(self) -> None:  # noqa: B027
+        """The run ends: give every slot back."""

@@ -672,6 +672,12 @@ class SqlJobDatabase(JobDatabaseInterface):
         backends = list(backends)
         return sa.and_(owed, t.c.backend_name.in_(backends)) if backends else owed
 
+    def held_by_run(self, run: str, statuses: Iterable[str]) -> pd.DataFrame:
+        """Rows with one of ``statuses`` that a worker whose run is named ``run`` holds (e.g. a flow run's id)."""
+        t = self.table
+        run = run.replace("|", "_")[:60]  # as recorded (prefect_openeo.jobdb.owners)
+        return self._select(sa.and_(t.c.status.in_(list(statuses)), t.c.owner.like(f"%|{run}")))
+
     def unknown_backends(self, statuses: list[str], known: list[str]) -> pd.DataFrame:
         """Rows with one of ``statuses`` naming a backend not in ``known`` (at most 10)."""
         t = self.table
