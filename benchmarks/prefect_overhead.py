@@ -247,15 +247,17 @@ def part_b(args, workdir: Path) -> dict:
         manager.run_jobs(df=df, start_job=start_job, job_db=workdir / "b-local.parquet")
         return None, None
 
-    def package_flow() -> tuple:
+    def package_flow(limits: bool = True) -> tuple:
+        name = "b-flow" if limits else "b-flow-nolimits"
         state = run_openeo_jobs(
-            job_db=str(workdir / "b-flow.parquet"),
+            job_db=str(workdir / f"{name}.parquet"),
             backends={f"b{i}": url for i, url in enumerate(sims.urls)},
             start_job=start_job,
             parallel_jobs=args.many_slots,
             poll_sleep=args.many_poll,
-            root_dir=str(workdir / "b-flow"),
+            root_dir=str(workdir / name),
             df=df,
+            global_concurrency=limits,
             return_state=True,
         )
         return state.state_details.flow_run_id, state
@@ -266,6 +268,7 @@ def part_b(args, workdir: Path) -> dict:
             ("drop-in manager, no Prefect", in_process),
             ("drop-in `run_jobs` in a user's flow", user_flow),
             ("`run_openeo_jobs` (global concurrency limits)", package_flow),
+            ("`run_openeo_jobs`, global_concurrency=False", lambda: package_flow(limits=False)),
         ):
             sims.reset()
             timed(name, run)
@@ -283,6 +286,7 @@ def part_b(args, workdir: Path) -> dict:
             db = {
                 "drop-in `run_jobs` in a user's flow": "b-user",
                 "`run_openeo_jobs` (global concurrency limits)": "b-flow",
+                "`run_openeo_jobs`, global_concurrency=False": "b-flow-nolimits",
             }[name]
             rows = pd.read_parquet(workdir / f"{db}.parquet")
             kinds, final, matching = per_job_figures(run["id"], rows)

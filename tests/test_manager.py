@@ -28,6 +28,9 @@ def manager_for(*sims, parallel_jobs=2, **kwargs) -> MultiBackendJobManager:
 
 
 def test_runs_all_rows_to_finished_with_results_and_stats(openeo_simulator, tmp_path):
+    # Long enough to be seen running on a loaded machine: a job that ends between two sweeps has no
+    # running_start_time (as upstream).
+    openeo_simulator.config.run_duration = 1.0
     root = tmp_path / "root"
     manager = manager_for(openeo_simulator, root_dir=root)
     job_db = create_job_db(tmp_path / "jobs.csv", tiles_df(5))

@@ -147,8 +147,8 @@ def test_failed_job_error_logs_go_to_the_store(openeo_simulator, s3_server, tmp_
 
 @pytest.mark.usefixtures("prefect_api")
 def test_flow_run_on_a_worker_without_shared_disk(openeo_simulator, s3_server, tmp_path, monkeypatch):
-    """The deployable flow with results on S3: downloads are task runs, links point into the bucket, and
-    the working directory stays empty (the run's pictures are drawn aside and only embedded)."""
+    """The deployable flow with results on S3: the summary says where each job's results are in the bucket,
+    and the working directory stays empty (the run's pictures are drawn aside and only embedded)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -179,7 +179,7 @@ def test_flow_run_on_a_worker_without_shared_disk(openeo_simulator, s3_server, t
     (pictures,) = [a for a in artifacts if a.key and a.key.endswith("-pictures")]
     assert "data:image/png;base64," in pictures.data
     for job_id in df["id"]:
-        assert f"(s3://{bucket}/flow/job_{job_id})" in summary.data
+        assert f"`{job_id}`: `s3://{bucket}/flow/job_{job_id}`" in summary.data
         assert f"flow/job_{job_id}/job-results.json" in keys(s3_server.client(), bucket)
 
 
