@@ -261,7 +261,7 @@ class JobEngine:
         if self.rows.pending_downloads(usable) > 0:
             return True
         if not self._given_up:
-            return sum(self.job_db.count_by_status(statuses=WORK_STATUSES).values()) > 0
+            return self.rows.work_left(WORK_STATUSES, usable) > 0
         left = self._work_by_backend()
         return any(name not in self._given_up for name in left)
 
@@ -306,8 +306,9 @@ class JobEngine:
     def iteration(self) -> None:
         """One sweep: apply finished work, claim rows, dispatch every idle backend's work, start downloads."""
         self._collect()
-        active = self._orphans(self.rows.claim_active())
-        unresolved = self.rows.claim_unresolved()
+        known = list(self.backends)
+        active = self._orphans(self.rows.claim_active(known))
+        unresolved = self.rows.claim_unresolved(known)
         if not unresolved.empty and (PLANNED_COLUMN not in unresolved or unresolved[PLANNED_COLUMN].map(blank).any()):
             self._reconcile_unplanned()
         plan = self._plan()
@@ -547,7 +548,7 @@ class JobEngine:
     def _reconcile_unplanned(self) -> None:
         """Unresolved creations without a planned backend (recorded by older versions): search every backend's
         listing for their token; adopt the job where found, else clear the token."""
-        pending = self.rows.claim_unresolved()
+        pending = self.rows.claim_unresolved(list(self.backends))
         if pending.empty:
             return
         pending = pending[pending.get(PLANNED_COLUMN, pd.Series(index=pending.index, dtype=object)).map(blank)].copy()

@@ -25,6 +25,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from prefect_openeo.fanout import cancel_fan_out_workers, check_shareable, fan_out
 from prefect_openeo.jobdb.local import JobDatabaseBusy
+from prefect_openeo.jobdb.sql import SqlJobDatabase
 from prefect_openeo.manager import MultiBackendJobManager
 from prefect_openeo.outcome import check_threshold, final_state
 from prefect_openeo.parameters import (
@@ -233,6 +234,19 @@ def _described(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("<") and value.endswith(">")
 
 
+def for_this_run(job_db: Any) -> Any:
+    """A SQL job database named by URL or path, opened with this flow run's id in the ``owner`` of the rows
+    it holds (``cancel_backend_jobs`` finds them by it); anything else as given."""
+    from prefect.runtime import flow_run
+
+    if not isinstance(job_db, (str, Path)) or not flow_run.id:
+        return job_db
+    from prefect_openeo.jobdb import resolve_job_db
+
+    db = resolve_job_db(job_db)
+    return SqlJobDatabase(db.url, worker_id=str(flow_run.id)) if isinstance(db, SqlJobDatabase) else job_db
+
+
 def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     """``on_cancellation`` hook: with ``cancel_backend_jobs=True``, cancel the run's active backend jobs too
     and mark their rows ``canceled``. Without it, active rows stay as they are and a later run tracks them
@@ -250,7 +264,10 @@ def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
         log.warning("cancel_backend_jobs: the job database is not known to the hook")
         return
     db = resolve_job_db(job_db)
-    rows = db.get_by_status(statuses=list(ACTIVE)).copy()
+    if isinstance(db, SqlJobDatabase):  # shared: only the jobs this flow run was tracking, not other workers'
+        rows = db.held_by_run(str(flow_run.id), ACTIVE).copy()
+    else:  # a file job database has one run at a time (JobDatabaseBusy)
+        rows = db.get_by_status(statuses=list(ACTIVE)).copy()
     backends = {
         name: connect(spec, name)
         for name, spec in (params.get("backends") or {}).items()
@@ -382,7 +399,7 @@ def run_openeo_jobs(
         start_job = start_job.model_dump(exclude_none=True)
     callback = load_callable(start_job)
     try:
-        stats = manager.run_jobs(df=df, start_job=callback, job_db=job_db)
+        stats = manager.run_jobs(df=df, start_job=callback, job_db=for_this_run(job_db))
     except JobDatabaseBusy as e:  # another run works on this CSV/Parquet job database: leave it to that one
         logger.warning(f"{e}: this run leaves it to that one and ends")
         return Cancelled(message=f"{e}: this run leaves it to that one and ends")

@@ -14,6 +14,7 @@ import contextlib  # noqa: E402
 import http.server  # noqa: E402
 import socketserver  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import openeo  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -68,6 +69,32 @@ def pg_table(postgres_engine):
     with postgres_engine.begin() as conn:
         conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
         conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}_meta"'))
+
+
+@contextlib.contextmanager
+def new_database(prefix: str) -> Iterator[str]:
+    """A new, empty database in this machine's PostgreSQL, dropped afterwards; its name."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_database(postgres_engine) -> Iterator[str]:
+    """A new, empty PostgreSQL database (the job database's default table in it, as users have it); its URL."""
+    with new_database("openeo") as name:
+        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
 
 
 class S3Server:

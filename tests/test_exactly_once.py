@@ -175,6 +175,31 @@ def test_a_row_held_by_a_live_worker_is_left_alone(openeo_simulator, tmp_path):
     assert openeo_simulator.created_count() == 0  # its held slot (parallel_jobs=1) kept row 1 waiting too
 
 
+def test_rows_on_a_backend_only_another_live_worker_has_are_left_to_it(openeo_simulator, tmp_path):
+    """Workers with different backends on one database: rows running on a backend this worker does not have
+    are no error while a live worker holds them, and are not taken over (it could not track them); held by
+    nobody, they are the same clear error as in a file job database."""
+    df = tiles_df(3).assign(status="not_started")
+    df.loc[0, ["status", "id", "backend_name"]] = ["running", "j-elsewhere", "elsewhere"]
+    db = SqlJobDatabase(tmp_path / "jobs.db").initialize_from_df(df)
+    other = str(this_worker("other"))
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(db.table).where(db.table.c.idx == 0).values(owner=other, lease_until=time.time() + 3600))
+    manager_for(openeo_simulator, root_dir=tmp_path / "root").run_jobs(
+        start_job=ndvi_job, job_db=SqlJobDatabase(tmp_path / "jobs.db")
+    )
+    out = db.read()
+    assert list(out["status"]) == ["running", "finished", "finished"]
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.select(db.table.c.owner).where(db.table.c.idx == 0)).scalar_one() == other
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(db.table).where(db.table.c.idx == 0).values(lease_until=time.time() - 1))
+    with pytest.raises(ValueError, match="names backend 'elsewhere', which is not registered"):
+        manager_for(openeo_simulator, root_dir=tmp_path / "root").run_jobs(
+            start_job=ndvi_job, job_db=SqlJobDatabase(tmp_path / "jobs.db")
+        )
+
+
 def test_persist_never_overwrites_a_row_another_live_worker_holds(tmp_path, caplog):
     a = SqlJobDatabase(tmp_path / "jobs.db", worker_id="a").initialize_from_df(tiles_df(2))
     a.prepare_run({"sim": 2})

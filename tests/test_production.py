@@ -29,8 +29,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import sqlalchemy as sa
-from conftest import POSTGRES_URL, max_overlap
+from conftest import POSTGRES_URL, max_overlap, new_database
 
 from prefect_openeo import create_job_db
 from prefect_openeo.demo import demo_tiles
@@ -69,13 +68,6 @@ def readme_command(command: str, **replace: str) -> list[str]:
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
-@pytest.fixture
-def pg_database(postgres_engine) -> Iterator[str]:
-    """A new, empty PostgreSQL database (the job database's default table in it, as users have it); its URL."""
-    with new_database("openeo") as name:
-        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-
-
 class Production:
     """A Prefect server with the production deployment and two process workers on its pool."""
 
@@ -127,21 +119,6 @@ class Production:
                 flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"coordinator:{coordinator.name}"]))
             )
         return sorted(runs, key=lambda r: r.name)
-
-
-@contextlib.contextmanager
-def new_database(prefix: str) -> Iterator[str]:
-    """A new, empty database in this machine's PostgreSQL, dropped afterwards; its name."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -173,3 +173,80 @@ def test_cancelling_the_flow_run_cancels_backend_jobs(prefect_server, openeo_sim
     finally:
         server.terminate()
         server.wait(30)
+
+
+@pytest.mark.parametrize("prefect_server", ["sqlite"], indirect=True)
+def test_cancelling_a_flow_run_on_a_shared_job_database_cancels_only_its_own_jobs(
+    prefect_server, openeo_simulator, pg_database
+):
+    """A PostgreSQL job database and a backend shared with another live worker: canceling a flow run
+    (cancel_backend_jobs=True) cancels the jobs that run was tracking; the other worker's jobs run on."""
+    import openeo
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    from prefect_openeo.demo import create_ndvi_job
+    from prefect_openeo.jobdb.sql import SqlJobDatabase
+
+    api_url, env = prefect_server
+    sim = openeo_simulator
+    sim.config.run_duration = 300
+    create_job_db(pg_database, demo_tiles(4))
+    # The other worker (this process, alive, its claims leased): two rows claimed and their jobs started.
+    other = SqlJobDatabase(pg_database, worker_id="other")
+    other.prepare_run({"sim": 4})
+    rows = other.claim_new({"sim": 2}, ["sim"])
+    connection = openeo.connect(sim.url)
+    for index in rows.index:
+        job = create_ndvi_job(rows.loc[index], connection)
+        job.start()
+        rows.loc[index, ["id", "backend_name", "status"]] = [job.job_id, "sim", "queued"]
+    other.persist(rows[["id", "backend_name", "status"]])
+    theirs = sorted(rows["id"])
+
+    def wait_for(condition, what: str, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    def statuses(ids=None) -> list[str]:
+        return sorted(j["status"] for j in sim.jobs() if ids is None or j["id"] in ids)
+
+    server = subprocess.Popen([sys.executable, "-c", SERVE], env=env, stderr=subprocess.PIPE)
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            wait_for_deployment(client, "run-openeo-jobs/e2e", server)
+            flow_run = run_deployment(
+                "run-openeo-jobs/e2e",
+                parameters={
+                    "job_db": pg_database,
+                    "backends": {"sim": sim.url},
+                    "start_job": "prefect_openeo.demo:create_ndvi_job",
+                    "parallel_jobs": 4,
+                    "poll_sleep": 0.2,
+                    "cancel_backend_jobs": True,
+                    "download_results": False,
+                },
+                timeout=0,
+            )
+            wait_for(lambda: statuses() == ["running"] * 4, "the flow run's jobs never ran")
+            client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+            wait_for(
+                lambda: (
+                    client.read_flow_run(flow_run.id).state.is_cancelled()
+                    and statuses() == ["canceled", "canceled", "running", "running"]
+                ),
+                "the flow run's jobs were not canceled with it",
+            )
+        assert statuses(theirs) == ["running", "running"]
+        df = SqlJobDatabase(pg_database).read()
+        assert len(df) == 4
+        assert sorted(df.loc[df["status"] != "canceled", "id"]) == theirs
+        canceled = df[df["status"] == "canceled"]
+        assert len(canceled) == 2 and canceled["message"].eq("canceled with its flow run").all()
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -143,10 +143,11 @@ class LocalRows:
             self.job_db.persist(failed[[RESULTS_COLUMN]])
         return dict(budgets)
 
-    def claim_active(self) -> pd.DataFrame:
+    # One run at a time, whose backends the rows were checked against: ``backends`` changes nothing.
+    def claim_active(self, backends: Iterable[str] | None = None) -> pd.DataFrame:
         return self._select(None, list(ACTIVE))
 
-    def claim_unresolved(self) -> pd.DataFrame:
+    def claim_unresolved(self, backends: Iterable[str] | None = None) -> pd.DataFrame:
         return self._select(unresolved_mask, list(PENDING))
 
     def claim_new(self, caps: Mapping[str, int], order: list[str], max_rows: int = 200) -> pd.DataFrame:
@@ -194,6 +195,10 @@ class LocalRows:
             return mask & df["backend_name"].isin(names) if names else mask
 
         return self._select(owed, ["finished"], limit=max(0, limit))
+
+    def work_left(self, statuses: list[str], backends: Iterable[str]) -> int:
+        """Rows with one of ``statuses`` (every backend's: one run at a time, checked against its backends)."""
+        return sum(self.job_db.count_by_status(statuses=statuses).values())
 
     def pending_downloads(self, backends: Iterable[str] = ()) -> int:
         names = list(backends)

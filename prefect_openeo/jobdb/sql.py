@@ -489,8 +489,10 @@ class SqlJobDatabase(JobDatabaseInterface):
     def _takeable(self, conn: sa.Connection, now: float) -> Any:
         """Rows this worker may claim: its own, unowned, expired, or held by a process that is gone."""
         t = self.table
-        owners = conn.execute(
-            sa.select(t.c.owner).where(t.c.owner.is_not(None), t.c.owner != self.worker_id).distinct()
+        owners = conn.execute(  # only leases still running: an expired one is takeable anyway
+            sa.select(t.c.owner)
+            .where(t.c.owner.is_not(None), t.c.owner != self.worker_id, t.c.lease_until >= now)
+            .distinct()
         ).scalars()
         dead = [owner for owner in owners if is_dead(owner)]
         return sa.or_(t.c.owner == self.worker_id, t.c.owner.is_(None), t.c.lease_until < now, t.c.owner.in_(dead))
@@ -536,26 +538,35 @@ class SqlJobDatabase(JobDatabaseInterface):
         with self.engine.connect() as conn:
             return {k: int(v) for k, v in (self._read_meta(conn).get("budgets") or {}).items()}
 
-    def claim_active(self) -> pd.DataFrame:
-        """Active rows to track: this worker's, plus those whose owner is gone (taken over); leases renewed."""
+    def claim_active(self, backends: Iterable[str] | None = None) -> pd.DataFrame:
+        """Active rows to track: this worker's, plus those whose owner is gone (taken over); leases renewed.
+        With ``backends``, only rows on those (a worker cannot track jobs on a backend it does not know)."""
         self._ready()
         now = time.time()
         t = self.table
+        active = t.c.status.in_(ACTIVE)
+        if backends is not None:  # rows without a backend are included: the engine marks them
+            known = sa.or_(t.c.backend_name.in_(list(backends)), t.c.backend_name.is_(None), t.c.backend_name == "")
+            active = sa.and_(active, known)
         with self._tx() as conn:
             conn.execute(
                 sa.update(t)
-                .where(t.c.status.in_(ACTIVE), self._takeable(conn, now))
+                .where(active, self._takeable(conn, now))
                 .values(owner=self.worker_id, lease_until=now + self.lease_seconds)
             )
-        return self._select(sa.and_(t.c.status.in_(ACTIVE), t.c.owner == self.worker_id))
+        return self._select(sa.and_(active, t.c.owner == self.worker_id))
 
-    def claim_unresolved(self) -> pd.DataFrame:
+    def claim_unresolved(self, backends: Iterable[str] | None = None) -> pd.DataFrame:
         """``not_started`` rows with a recorded creation token (a creation that may or may not have reached
-        the backend) that no other live worker holds: claimed, for this worker to reconcile."""
+        the backend) that no other live worker holds: claimed, for this worker to reconcile. With ``backends``,
+        only creations planned on those (or on no recorded backend: older versions)."""
         self._ready()
         now = time.time()
         t = self.table
         unresolved = sa.and_(t.c.status.in_(PENDING), t.c.create_token.is_not(None))
+        if backends is not None:
+            planned = sa.or_(t.c.planned_backend.in_(list(backends)), t.c.planned_backend.is_(None))
+            unresolved = sa.and_(unresolved, planned)
         with self._tx() as conn:
             conn.execute(
                 sa.update(t)
@@ -666,6 +677,16 @@ class SqlJobDatabase(JobDatabaseInterface):
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).where(self._owed(backends))).scalar_one())
 
+    def work_left(self, statuses: list[str], backends: Iterable[str]) -> int:
+        """Rows with one of ``statuses`` that a worker with ``backends`` may work on: on one of those, or on
+        none yet (rows on other backends are for the workers that have them)."""
+        self._ready()
+        t = self.table
+        mine = sa.or_(t.c.backend_name.in_(list(backends)), t.c.backend_name.is_(None), t.c.backend_name == "")
+        with self.engine.connect() as conn:
+            query = sa.select(sa.func.count()).where(t.c.status.in_(statuses), mine)
+            return int(conn.execute(query).scalar_one())
+
     def _owed(self, backends: Iterable[str]) -> Any:
         t = self.table
         owed = sa.and_(t.c.status == "finished", t.c.results == "pending")
@@ -673,26 +694,33 @@ class SqlJobDatabase(JobDatabaseInterface):
         return sa.and_(owed, t.c.backend_name.in_(backends)) if backends else owed
 
     def held_by_run(self, run: str, statuses: Iterable[str]) -> pd.DataFrame:
-        """Rows with one of ``statuses`` that a worker whose run is named ``run`` holds (e.g. a flow run's id)."""
+        """Rows with one of ``statuses`` that a worker whose run is named ``run`` (e.g. a flow run's id) holds or
+        was the last to hold."""
         t = self.table
         run = run.replace("|", "_")[:60]  # as recorded (prefect_openeo.jobdb.owners)
         return self._select(sa.and_(t.c.status.in_(list(statuses)), t.c.owner.like(f"%|{run}")))
 
     def unknown_backends(self, statuses: list[str], known: list[str]) -> pd.DataFrame:
-        """Rows with one of ``statuses`` naming a backend not in ``known`` (at most 10)."""
+        """Rows with one of ``statuses`` naming a backend not in ``known`` that no other live worker holds
+        (at most 10): nobody tracks them. Those another worker holds are that worker's (e.g. a worker per
+        backend on one database)."""
+        self._ready()
         t = self.table
         where = sa.and_(t.c.status.in_(statuses), t.c.backend_name.is_not(None), t.c.backend_name.not_in(known))
-        return self._select(where, limit=10)
+        with self.engine.connect() as conn:
+            untended = self._takeable(conn, time.time())
+        return self._select(sa.and_(where, untended), limit=10)
 
     def release(self, keep: Iterable[Any] = ()) -> None:
         """Give up this worker's claims (at the end of a run) but those of rows in ``keep``, so others need not
-        wait for leases."""
+        wait for leases. The lease ends; ``owner`` stays as the row's last holder until another worker takes
+        it (``held_by_run``: a canceled flow run cancels the jobs it was tracking)."""
         t = self.table
         mine = t.c.owner == self.worker_id
         kept = [_plain(i) for i in keep]
         with self._tx() as conn:
             where = sa.and_(mine, t.c.idx.not_in(kept)) if kept else mine
-            conn.execute(sa.update(t).where(where).values(owner=None, lease_until=None))
+            conn.execute(sa.update(t).where(where).values(lease_until=0.0))
 
     def drop(self) -> None:
         """Delete the table and its meta table (tests, tooling)."""
