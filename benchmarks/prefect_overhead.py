@@ -267,8 +267,8 @@ def part_b(args, workdir: Path) -> dict:
         for name, run in (
             ("drop-in manager, no Prefect", in_process),
             ("drop-in `run_jobs` in a user's flow", user_flow),
-            ("`run_openeo_jobs` (global concurrency limits)", package_flow),
-            ("`run_openeo_jobs`, global_concurrency=False", lambda: package_flow(limits=False)),
+            ("`run_openeo_jobs`", lambda: package_flow(limits=False)),
+            ("`run_openeo_jobs(global_concurrency=True)`", package_flow),
         ):
             sims.reset()
             timed(name, run)
@@ -285,8 +285,8 @@ def part_b(args, workdir: Path) -> dict:
         if run["id"] is not None:
             db = {
                 "drop-in `run_jobs` in a user's flow": "b-user",
-                "`run_openeo_jobs` (global concurrency limits)": "b-flow",
-                "`run_openeo_jobs`, global_concurrency=False": "b-flow-nolimits",
+                "`run_openeo_jobs(global_concurrency=True)`": "b-flow",
+                "`run_openeo_jobs`": "b-flow-nolimits",
             }[name]
             rows = pd.read_parquet(workdir / f"{db}.parquet")
             kinds, final, matching = per_job_figures(run["id"], rows)

@@ -39,6 +39,10 @@ LOCAL_STOP_WAIT = 30.0
 VERBOSE_HELP = "Show Prefect's lines (one per task run) and INFO logs in the terminal too."
 
 
+#: Jobs at once per simulated backend in the demo: 20 jobs in two waves.
+DEMO_SLOTS = 5
+
+
 @app.command(epilog=EXIT_CODES)
 def demo(
     tiles: int = typer.Option(20, min=1, max=500, help="Number of tiles (jobs)."),
@@ -65,7 +69,7 @@ def demo(
             create_job_db(db_path, demo_tiles(tiles))
         total = len(_read(_open_db(str(db_path))))
         config = SimulatorConfig(
-            queue_duration=1.0, run_duration=3.0, jitter=0.3, capacity=3, failure_rate=failure_rate
+            queue_duration=1.0, run_duration=3.0, jitter=0.3, capacity=DEMO_SLOTS, failure_rate=failure_rate
         )
         with simulated_backends(2, config) as (sim_a, sim_b), terminal_logging(console, verbose):
             console.print(f"Simulated backends: sim-a at {sim_a.url}, sim-b at {sim_b.url}")
@@ -78,7 +82,7 @@ def demo(
                 if local:
                     manager = _local_manager(
                         backends,
-                        parallel_jobs=3,
+                        parallel_jobs=DEMO_SLOTS,
                         poll_sleep=1,
                         root_dir=output / "results",
                     )
@@ -90,7 +94,7 @@ def demo(
                         job_db=str(db_path),
                         backends=backends,
                         start_job=create_ndvi_job,
-                        parallel_jobs=3,
+                        parallel_jobs=DEMO_SLOTS,
                         poll_sleep=1,
                         root_dir=str(output / "results"),
                     )

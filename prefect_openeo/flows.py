@@ -307,7 +307,7 @@ def run_openeo_jobs(
     download_results: bool = True,
     cancel_running_job_after: Annotated[int, Field(gt=0)] | None = None,
     df: SkipJsonSchema[pd.DataFrame | None] = None,
-    global_concurrency: bool = True,
+    global_concurrency: bool = False,
     cancel_backend_jobs: bool = False,
     workers: Annotated[int, Field(ge=1)] = 1,
     fail_when_failed_rows: int | float | None = None,
@@ -335,8 +335,9 @@ def run_openeo_jobs(
         cancel_running_job_after: Cancel jobs that have been running longer than this many seconds.
         df: In-process only: rows to initialize a new job database with.
         global_concurrency: Hold every job's slot in the Prefect global concurrency limit `openeo-<backend>`
-            (created with the backend's parallel_jobs when missing), so that several flow runs and deployments
-            together never exceed a backend's budget.
+            (created with the backend's parallel_jobs when missing), so that flow runs on different job
+            databases together never exceed a backend's budget. Off by default: runs sharing a SQL job database
+            already share its budget, and a slot costs two Prefect API requests per job.
         cancel_backend_jobs: When the flow run is cancelled in Prefect, cancel its active backend jobs too (and
             mark their rows canceled); by default they keep running and a later run tracks them.
         workers: Flow runs that work the job database together. With N > 1 (a deployment run only), this run

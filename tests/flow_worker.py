@@ -37,6 +37,7 @@ if __name__ == "__main__":
         poll_sleep=0.2,
         root_dir=root_dir,
         download_results=False,
+        global_concurrency=True,
         return_state=True,
     )
     sys.exit(0 if state.is_completed() else 1)
