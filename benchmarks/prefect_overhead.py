@@ -296,7 +296,7 @@ def part_b(args, workdir: Path) -> dict:
         else:
             figures = " | "
         print(f"| {name} | {run['wall']:.1f} | {run['wall'] / base['wall']:.3f} | {run['cpu']:.1f} | {figures} |")
-    state = runs["`run_openeo_jobs` (global concurrency limits)"]["state"]
+    state = runs["`run_openeo_jobs`"]["state"]
     print(f"\n`run_openeo_jobs` flow run: {state.name} ({state.message})")
     user = runs["drop-in `run_jobs` in a user's flow"]
     final, matching, total = results["drop-in `run_jobs` in a user's flow"]
