@@ -454,10 +454,10 @@ def test_nothing_to_catalogue_is_said_by_its_own_error(tmp_path):
 
 # -- consumers -------------------------------------------------------------------------------------
 def test_odc_stac_finds_the_items_their_time_footprint_and_downloaded_files(openeo_simulator, tmp_path):
-    """Where odc-stac is installed (not in the test extra: rasterio and dask for a load that cannot finish
-    here). The simulator's assets are random bytes, not GeoTIFFs: odc-stac builds the cube lazily from the
-    items, then its first read fails on one of the downloaded files, which shows it resolved the hrefs."""
-    odc_stac = pytest.importorskip("odc.stac")
+    """odc-stac (in the test extra) loads the catalogue. The simulator's assets are random bytes, not GeoTIFFs:
+    odc-stac builds the cube lazily from the items, then its first read fails on one of the downloaded files,
+    which shows it resolved the hrefs."""
+    import odc.stac as odc_stac
     tiles = demo_tiles(4)
     root = tmp_path / "results"
     db = create_job_db(tmp_path / "jobs.parquet", tiles)
