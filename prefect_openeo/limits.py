@@ -26,8 +26,6 @@ _log = logging.getLogger("prefect_openeo")
 
 #: Lease length (seconds); renewed when less than a third is left.
 LEASE_SECONDS = 900.0
-#: Threads that give slots back and renew leases.
-RELEASE_THREADS = 4
 
 
 def limit_name(backend: str) -> str:
@@ -48,12 +46,8 @@ class GlobalConcurrencyGate(SlotGate):
         self._leases: dict[Any, tuple[UUID, float]] = {}
         self._lock = threading.Lock()
         self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"prefect-openeo-limits-{i}", daemon=True)
-            for i in range(RELEASE_THREADS)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._work, name="prefect-openeo-limits", daemon=True)
+        self._thread.start()
         for backend, slots in parallel_jobs.items():
             name = limit_name(backend)
             try:
@@ -71,11 +65,8 @@ class GlobalConcurrencyGate(SlotGate):
                 call()
             except Exception as e:  # a slot not given back in time expires with its lease
                 _log.warning(f"Global concurrency limit: {e!r}")
-            finally:
-                self._calls.task_done()
 
     def acquire(self, backend: str, indices: list) -> list:
-        """Slots for ``indices`` (in order) while the limit has them."""
         granted = []
         for index in indices:
             try:
@@ -119,12 +110,9 @@ class GlobalConcurrencyGate(SlotGate):
             indices = list(self._leases)
         for index in indices:
             self.release(index)
-        for _ in self._threads:
-            self._calls.put(None)
-        deadline = time.monotonic() + wait
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if any(thread.is_alive() for thread in self._threads):
+        self._calls.put(None)
+        self._thread.join(wait)
+        if self._thread.is_alive():
             _log.warning("Not every global concurrency slot could be given back in time: their leases expire")
             return
         self._client.__exit__(None, None, None)
