@@ -458,6 +458,7 @@ def test_odc_stac_finds_the_items_their_time_footprint_and_downloaded_files(open
     odc-stac builds the cube lazily from the items, then its first read fails on one of the downloaded files,
     which shows it resolved the hrefs."""
     import odc.stac as odc_stac
+
     tiles = demo_tiles(4)
     root = tmp_path / "results"
     db = create_job_db(tmp_path / "jobs.parquet", tiles)
