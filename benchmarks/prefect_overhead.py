@@ -229,26 +229,26 @@ def part_b(args, workdir: Path) -> dict:
     config = {"queue_duration": args.many_queue, "run_duration": args.many_run, "capacity": args.many_slots}
     runs = {}
 
-    def timed(name: str, run) -> None:
+    def timed(name: str, db: str, run) -> None:
+        """Time ``run(db)``: its job database is ``<db>.parquet`` and its results go to ``<db>/``."""
         cpu, t = time.process_time(), time.perf_counter()
-        flow_run_id, state = run()
+        flow_run_id, state = run(db)
         runs[name] = {"wall": time.perf_counter() - t, "cpu": time.process_time() - cpu, "id": flow_run_id}
-        runs[name]["state"] = state
+        runs[name].update(state=state, db=db)
 
     @flow(name="user-flow")
-    def user_flow() -> tuple:
-        drop_in(sims.urls, args.many_slots, args.many_poll, workdir / "b-user").run_jobs(
-            df=df, start_job=start_job, job_db=workdir / "b-user.parquet"
+    def user_flow(name: str) -> tuple:
+        drop_in(sims.urls, args.many_slots, args.many_poll, workdir / name).run_jobs(
+            df=df, start_job=start_job, job_db=workdir / f"{name}.parquet"
         )
         return get_run_context().flow_run.id, None
 
-    def in_process() -> tuple:
-        manager = drop_in(sims.urls, args.many_slots, args.many_poll, workdir / "b-local")
-        manager.run_jobs(df=df, start_job=start_job, job_db=workdir / "b-local.parquet")
+    def in_process(name: str) -> tuple:
+        manager = drop_in(sims.urls, args.many_slots, args.many_poll, workdir / name)
+        manager.run_jobs(df=df, start_job=start_job, job_db=workdir / f"{name}.parquet")
         return None, None
 
-    def package_flow(limits: bool = True) -> tuple:
-        name = "b-flow" if limits else "b-flow-nolimits"
+    def package_flow(name: str, limits: bool) -> tuple:
         state = run_openeo_jobs(
             job_db=str(workdir / f"{name}.parquet"),
             backends={f"b{i}": url for i, url in enumerate(sims.urls)},
@@ -264,14 +264,14 @@ def part_b(args, workdir: Path) -> dict:
 
     with SimulatorProcess(2, **config) as sims:
         warm_up(sims, workdir)
-        for name, run in (
-            ("drop-in manager, no Prefect", in_process),
-            ("drop-in `run_jobs` in a user's flow", user_flow),
-            ("`run_openeo_jobs`", lambda: package_flow(limits=False)),
-            ("`run_openeo_jobs(global_concurrency=True)`", package_flow),
+        for name, db, run in (
+            ("drop-in manager, no Prefect", "b-local", in_process),
+            ("drop-in `run_jobs` in a user's flow", "b-user", user_flow),
+            ("`run_openeo_jobs`", "b-flow-nolimits", lambda name: package_flow(name, limits=False)),
+            ("`run_openeo_jobs(global_concurrency=True)`", "b-flow", lambda name: package_flow(name, limits=True)),
         ):
             sims.reset()
-            timed(name, run)
+            timed(name, db, run)
     print(
         f"## (b) {args.many} jobs, 2 backends x {args.many_slots} slots, queue {args.many_queue:g} s + run "
         f"{args.many_run:g} s, poll_sleep {args.many_poll:g} s, Parquet job database, `prefect server` (SQLite)\n"
@@ -283,12 +283,7 @@ def part_b(args, workdir: Path) -> dict:
     for name, run in runs.items():
         figures = ""
         if run["id"] is not None:
-            db = {
-                "drop-in `run_jobs` in a user's flow": "b-user",
-                "`run_openeo_jobs(global_concurrency=True)`": "b-flow",
-                "`run_openeo_jobs`": "b-flow-nolimits",
-            }[name]
-            rows = pd.read_parquet(workdir / f"{db}.parquet")
+            rows = pd.read_parquet(workdir / f"{run['db']}.parquet")
             kinds, final, matching = per_job_figures(run["id"], rows)
             results[name] = (final, matching, len(rows))
             other = ", ".join(f"{k} {v}" for k, v in kinds.items() if k != "per-job") or "none"

@@ -546,8 +546,7 @@ class SqlJobDatabase(JobDatabaseInterface):
         t = self.table
         active = t.c.status.in_(ACTIVE)
         if backends is not None:  # rows without a backend are included: the engine marks them
-            known = sa.or_(t.c.backend_name.in_(list(backends)), t.c.backend_name.is_(None), t.c.backend_name == "")
-            active = sa.and_(active, known)
+            active = sa.and_(active, self._on(backends))
         with self._tx() as conn:
             conn.execute(
                 sa.update(t)
@@ -681,11 +680,14 @@ class SqlJobDatabase(JobDatabaseInterface):
         """Rows with one of ``statuses`` that a worker with ``backends`` may work on: on one of those, or on
         none yet (rows on other backends are for the workers that have them)."""
         self._ready()
-        t = self.table
-        mine = sa.or_(t.c.backend_name.in_(list(backends)), t.c.backend_name.is_(None), t.c.backend_name == "")
         with self.engine.connect() as conn:
-            query = sa.select(sa.func.count()).where(t.c.status.in_(statuses), mine)
+            query = sa.select(sa.func.count()).where(self.table.c.status.in_(statuses), self._on(backends))
             return int(conn.execute(query).scalar_one())
+
+    def _on(self, backends: Iterable[str]) -> Any:
+        """Rows on one of ``backends``, or on no backend yet."""
+        name = self.table.c.backend_name
+        return sa.or_(name.in_(list(backends)), name.is_(None), name == "")
 
     def _owed(self, backends: Iterable[str]) -> Any:
         t = self.table
