@@ -42,6 +42,10 @@ MAX_RECONCILE_PAGES = 100
 MAX_SWEEP_GAP = 60.0
 #: A job is due (may have ended) from this fraction of the shortest job duration seen on its backend.
 DUE_FRACTION = 0.8
+#: Before any job of a backend was seen to make a transition (start running, end), its jobs are swept again
+#: once this fraction of the time they have spent in their status has passed since the last sweep: a job
+#: running for 10 minutes is looked at again 1.5 minutes later, never later than ``MAX_SWEEP_GAP``.
+BACKOFF_FRACTION = 0.15
 
 
 class BackendError(RuntimeError):
@@ -281,18 +285,26 @@ class Backend:
         """A job of this backend ended ``seconds`` after it was created."""
         self._durations.append(max(0.0, seconds))
 
-    def sweep_due(self, jobs: Iterable[tuple[float | None, str]], now: float) -> bool:
-        """Whether any of ``jobs`` (creation time in epoch seconds or None, status) may have changed by ``now``.
+    def sweep_due(self, jobs: Iterable[tuple[float | None, float | None, str]], now: float) -> bool:
+        """Whether any of ``jobs`` may have changed by ``now``: (creation time, time it entered its status, both
+        epoch seconds or None; status).
 
         A waiting job may start running, a running one may end: each is due from ``DUE_FRACTION`` of the
-        shortest such time seen on this backend (always, until one was seen); and the jobs are swept at
-        least every ``MAX_SWEEP_GAP`` seconds whatever.
+        shortest such time seen on this backend. Until one was seen, a job is due once ``BACKOFF_FRACTION`` of
+        its time in its status has passed since the last sweep. Either way the jobs are swept at least every
+        ``MAX_SWEEP_GAP`` seconds.
         """
-        if now - self._last_sweep >= MAX_SWEEP_GAP:
+        last = self._last_sweep
+        if now - last >= MAX_SWEEP_GAP:
             return True
-        for created, status in jobs:
+        for created, since, status in jobs:
             seen = self._durations if status == "running" else self._to_running
-            if created is None or not seen or now - created >= DUE_FRACTION * min(seen):
+            if created is None:
+                return True
+            if seen:
+                if now - created >= DUE_FRACTION * min(seen):
+                    return True
+            elif since is None or now - last >= BACKOFF_FRACTION * (last - since):
                 return True
         return False
 

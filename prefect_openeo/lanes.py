@@ -318,7 +318,12 @@ class BackendWork:
         rows = self.rows
         if any(rows.at[i, "status"] in ("created", "queued_for_start") for i in indices):
             return True
-        return self.backend.sweep_due([(_epoch(rows.at[i, "start_time"]), rows.at[i, "status"]) for i in indices], now)
+        jobs = []
+        for i in indices:
+            created, status = _epoch(rows.at[i, "start_time"]), rows.at[i, "status"]
+            since = _epoch(rows.at[i, "running_start_time"]) if status == "running" else created
+            jobs.append((created, since, status))
+        return self.backend.sweep_due(jobs, now)
 
     def _apply_report(self, index: Any, report: JobReport) -> None:
         rows, stats = self.rows, self.result.stats

@@ -96,6 +96,41 @@ def test_status_tracking_uses_the_job_listing(openeo_simulator, tmp_path):
     assert counts["POST /jobs"] == 8 and counts["POST /jobs/{job_id}/results"] == 8
 
 
+def test_sweeps_back_off_until_a_backend_shows_how_long_its_jobs_take():
+    from prefect_openeo.backends import BACKOFF_FRACTION, DUE_FRACTION, MAX_SWEEP_GAP, Backend
+
+    backend = Backend("b", connection=lambda: None)
+    running_since, created = 1000.0, 995.0
+    backend.note_sweep(1100.0)  # the job had been running for 100 s at the last sweep
+    job = [(created, running_since, "running")]
+    assert not backend.sweep_due(job, 1100.0 + 0.9 * BACKOFF_FRACTION * 100)
+    assert backend.sweep_due(job, 1100.0 + BACKOFF_FRACTION * 100)
+    assert backend.sweep_due([(None, None, "running")], 1100.5)  # nothing known of the job: sweep
+
+    backend.note_end(200.0)  # a job of this backend ended 200 s after it was created
+    assert not backend.sweep_due(job, created + DUE_FRACTION * 200 - 1)
+    assert backend.sweep_due(job, created + DUE_FRACTION * 200)
+    # a waiting job: no job of this backend was seen to start running yet, so it backs off too
+    backend.note_sweep(2000.0)
+    assert not backend.sweep_due([(1990.0, 1990.0, "queued")], 2000.0 + 0.9 * BACKOFF_FRACTION * 10)
+    assert backend.sweep_due([(1990.0, 1990.0, "queued")], 2000.0 + BACKOFF_FRACTION * 10)
+    backend.note_sweep(10_000.0)  # never longer than MAX_SWEEP_GAP between sweeps, whatever the ages
+    assert backend.sweep_due([(0.0, 0.0, "queued")], 10_000.0 + MAX_SWEEP_GAP)
+
+
+def test_a_first_wave_of_jobs_is_swept_less_often_the_longer_it_runs(openeo_simulator, tmp_path):
+    openeo_simulator.config.queue_duration, openeo_simulator.config.run_duration = 0.2, 6.0
+    manager = manager_for(openeo_simulator, parallel_jobs=2, root_dir=tmp_path, poll_sleep=0.1)
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(2), start_job=ndvi_job)
+
+    assert stats["job finished"] == 2
+    listings = openeo_simulator.request_counts()["GET /jobs"]
+    # Sweeping every poll would list about 60 times during the 6 s run; backing off from 0.1 s to 15% of
+    # the time running, about 25 times (fewer on a slow machine, whose loops come less often).
+    assert 3 <= listings <= 40, listings
+    assert stats["sweep skipped"] >= 10
+
+
 def test_backend_without_listing_is_polled_per_job(openeo_simulator, tmp_path, monkeypatch):
     manager = manager_for(openeo_simulator, root_dir=tmp_path, download_results=False)
     monkeypatch.setattr(type(manager.backends["sim"]), "advertises_listing", lambda self: False)
