@@ -285,6 +285,7 @@ def run(
     download: bool = typer.Option(True, help="Download results of finished jobs."),
     cancel_after: int = typer.Option(None, help="Cancel jobs running longer than this (seconds)."),
     retry_failed: int = typer.Option(0, min=0, help="Retries per row that ends in error or start_failed."),
+    retry_backoff: float = typer.Option(60, min=0, help="Seconds before a row's first retry, doubling after."),
     auth: Auth = typer.Option(
         Auth.none, help="Authentication with URL backends: basic (OPENEO_USERNAME/OPENEO_PASSWORD) or oidc."
     ),
@@ -307,8 +308,6 @@ def run(
     _check_pinned(rows, [spec.name for spec in specs])
     total = len(rows)
     callback = _job_callback(start_job, process_id, namespace)
-    if retry_failed and not local:
-        raise _fail("--retry-failed needs --local for now: the run_openeo_jobs flow does not take it yet")
     api = state = code = None
     settled = True  # no thread of a run that may still talk to Prefect
     try:
@@ -335,6 +334,7 @@ def run(
                             download_results=download,
                             cancel_running_job_after=cancel_after,
                             retry_failed_jobs=retry_failed,
+                            retry_backoff=retry_backoff,
                         )
                         _run_local(manager, callback, db)
                     else:
@@ -349,6 +349,8 @@ def run(
                             root_dir=root_dir,
                             download_results=download,
                             cancel_running_job_after=cancel_after,
+                            retry_failed_jobs=retry_failed,
+                            retry_backoff=retry_backoff,
                         )
                         settled = state.is_completed()
         df = _read(db)

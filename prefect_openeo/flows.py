@@ -311,6 +311,8 @@ def run_openeo_jobs(
     cancel_backend_jobs: bool = False,
     workers: Annotated[int, Field(ge=1)] = 1,
     fail_when_failed_rows: int | float | None = None,
+    retry_failed_jobs: Annotated[int, Field(ge=0)] = 0,
+    retry_backoff: Annotated[float, Field(ge=0)] = 60.0,
 ) -> dict:
     """Run one openEO batch job per row of a job database, across backends, until every row ended.
 
@@ -348,6 +350,9 @@ def run_openeo_jobs(
         fail_when_failed_rows: End the flow run Failed when at least this many rows failed (a whole number), or
             this fraction of all rows (a number in (0, 1]); rows that ended error, start_failed or canceled
             count. Left empty, the flow run ends Completed, its message saying how many rows failed.
+        retry_failed_jobs: Give a row whose job ends in error (or cannot be started) up to this many new jobs;
+            counted per row in the job database (column retry_count), so a rerun does not start over.
+        retry_backoff: Seconds before a row's first retry, doubling with each further one.
 
     Returns:
         The run stats, as openeo's `MultiBackendJobManager.run_jobs`: the result of the flow run's final
@@ -392,6 +397,8 @@ def run_openeo_jobs(
         root_dir=root_dir,
         download_results=download_results,
         cancel_running_job_after=cancel_running_job_after,
+        retry_failed_jobs=retry_failed_jobs,
+        retry_backoff=retry_backoff,
     )
     manager.global_concurrency = global_concurrency
     for name, connection in connections.items():

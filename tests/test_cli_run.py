@@ -17,7 +17,7 @@ import pytest
 from conftest import static_server
 from typer.testing import CliRunner
 
-from prefect_openeo.cli import app
+from prefect_openeo.cli import EXIT_FAILED_ROWS, app
 from prefect_openeo.demo import demo_tiles
 from prefect_openeo.jobdb import create_job_db, get_job_db
 from prefect_openeo.prefect_server import free_port
@@ -168,11 +168,6 @@ def test_basic_auth_needs_its_credentials(small_db, monkeypatch):
     assert result.exit_code == 2 and "--auth basic needs OPENEO_PASSWORD" in result.output
 
 
-def test_options_the_flow_does_not_take_are_refused(small_db):
-    result = invoke("run", small_db, "-b", "sim=https://a.example.org", "--start-job", START_JOB, "--retry-failed", "1")
-    assert result.exit_code == 2 and "--retry-failed needs --local" in result.output
-
-
 def test_rows_pinned_to_a_backend_not_given_are_refused(small_db):
     df = get_job_db(small_db).read()
     df.loc[df.index[0], "backend_name"] = "elsewhere"
@@ -300,6 +295,21 @@ def test_run_on_a_configured_server_links_to_the_flow_run(tmp_path, openeo_simul
     assert live and FLOW_RUN_URL.fullmatch(live.group(1)), result.output
     assert f"See this run in the Prefect UI: {live.group(1)}" in result.output
     assert set(statuses(db)) == {"finished"}
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_failed_rows_are_retried_in_the_flow_run_as_with_local(tmp_path, openeo_simulator):
+    openeo_simulator.config.failure_rate = 1.0
+    db = tmp_path / "jobs.parquet"
+    create_job_db(db, demo_tiles(2))
+    result = invoke(
+        "run", db, "-b", f"sim={openeo_simulator.url}", "--start-job", START_JOB, "--poll-sleep", "0.1",
+        "--retry-failed", "1", "--retry-backoff", "0.1", "--root-dir", tmp_path / "results",
+    )  # fmt: skip
+    assert result.exit_code == EXIT_FAILED_ROWS, result.output  # every row ended in error, after its retry
+    df = get_job_db(db).read()
+    assert list(df["status"]) == ["error", "error"] and list(df["retry_count"]) == [1, 1]
+    assert openeo_simulator.created_count() == 4
 
 
 def test_a_configured_api_that_does_not_answer_is_a_clear_error(tmp_path, prefect_home):
