@@ -83,7 +83,7 @@ def demo(
                     manager = _local_manager(
                         backends,
                         parallel_jobs=DEMO_SLOTS,
-                        poll_sleep=1,
+                        poll_sleep=0.5,
                         root_dir=output / "results",
                     )
                     _run_local(manager, create_ndvi_job, db_path)
@@ -95,7 +95,7 @@ def demo(
                         backends=backends,
                         start_job=create_ndvi_job,
                         parallel_jobs=DEMO_SLOTS,
-                        poll_sleep=1,
+                        poll_sleep=0.5,
                         root_dir=str(output / "results"),
                     )
                     settled = state.is_completed()
