@@ -322,7 +322,7 @@ class BackendWork:
         for i in indices:
             created, status = _epoch(rows.at[i, "start_time"]), rows.at[i, "status"]
             since = _epoch(rows.at[i, "running_start_time"]) if status == "running" else created
-            jobs.append((created, since, status))
+            jobs.append((rows.at[i, "id"], created, since, status))
         return self.backend.sweep_due(jobs, now)
 
     def _apply_report(self, index: Any, report: JobReport) -> None:
