@@ -69,7 +69,7 @@ def demo(
             create_job_db(db_path, demo_tiles(tiles))
         total = len(_read(_open_db(str(db_path))))
         config = SimulatorConfig(
-            queue_duration=1.0, run_duration=3.0, jitter=0.3, capacity=DEMO_SLOTS, failure_rate=failure_rate
+            queue_duration=1.0, run_duration=2.0, jitter=0.3, capacity=DEMO_SLOTS, failure_rate=failure_rate
         )
         with simulated_backends(2, config) as (sim_a, sim_b), terminal_logging(console, verbose):
             console.print(f"Simulated backends: sim-a at {sim_a.url}, sim-b at {sim_b.url}")
