@@ -287,35 +287,33 @@ class Backend:
         """A job of this backend ended ``seconds`` after it was created."""
         self._durations.append(max(0.0, seconds))
 
-    def sweep_due(self, jobs: Iterable[tuple[str, float | None, float | None, str]], now: float) -> bool:
-        """Whether any of ``jobs`` may have changed by ``now``: (job id; creation time and time it entered its
-        status, epoch seconds or None, as recorded; status).
+    def sweep_due(self, jobs: Iterable[tuple[str, float | None, str]], now: float) -> bool:
+        """Whether any of ``jobs`` (job id, creation time in epoch seconds or None, status) may have changed
+        by ``now``.
 
         A waiting job may start running, a running one may end: each is due from ``DUE_FRACTION`` of the
         shortest such time seen on this backend. Until one was seen, a job is due once ``BACKOFF_FRACTION`` of
-        its time in its status has passed since the last sweep, counted from when this process first saw it in
-        that status at the earliest (a recorded time may be old: a resumed run knows nothing newer). Either way
+        the time since this process first saw it in its status has passed since the last sweep (never from
+        recorded times: a resumed run knows nothing newer of its jobs than that they were running). Either way
         the jobs are swept at least every ``MAX_SWEEP_GAP`` seconds.
         """
         jobs = list(jobs)
         unchanged = {}
-        for job_id, _, _, status in jobs:
+        for job_id, _, status in jobs:
             seen_here = self._unchanged.get(job_id)
             unchanged[job_id] = seen_here if seen_here and seen_here[0] == status else (status, now)
         self._unchanged = unchanged  # jobs no longer active are forgotten
         last = self._last_sweep
         if now - last >= MAX_SWEEP_GAP:
             return True
-        for job_id, created, since, status in jobs:
+        for job_id, created, status in jobs:
             seen = self._durations if status == "running" else self._to_running
             if created is None:
                 return True
             if seen:
                 if now - created >= DUE_FRACTION * min(seen):
                     return True
-                continue
-            since = max(since or 0.0, unchanged[job_id][1])
-            if now - last >= BACKOFF_FRACTION * (last - since):
+            elif now - last >= BACKOFF_FRACTION * (last - unchanged[job_id][1]):
                 return True
         return False
 

@@ -318,11 +318,7 @@ class BackendWork:
         rows = self.rows
         if any(rows.at[i, "status"] in ("created", "queued_for_start") for i in indices):
             return True
-        jobs = []
-        for i in indices:
-            created, status = _epoch(rows.at[i, "start_time"]), rows.at[i, "status"]
-            since = _epoch(rows.at[i, "running_start_time"]) if status == "running" else created
-            jobs.append((rows.at[i, "id"], created, since, status))
+        jobs = [(rows.at[i, "id"], _epoch(rows.at[i, "start_time"]), rows.at[i, "status"]) for i in indices]
         return self.backend.sweep_due(jobs, now)
 
     def _apply_report(self, index: Any, report: JobReport) -> None:

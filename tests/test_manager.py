@@ -100,19 +100,19 @@ def test_sweeps_back_off_until_a_backend_shows_how_long_its_jobs_take():
     from prefect_openeo.backends import BACKOFF_FRACTION, DUE_FRACTION, MAX_SWEEP_GAP, Backend
 
     backend = Backend("b", connection=lambda: None)
-    running_since, created = 1000.0, 995.0
-    job = [("j-1", created, running_since, "running")]
-    backend.sweep_due(job, 990.0)  # this process has watched it since before it started running
+    created = 995.0
+    job = [("j-1", created, "running")]
+    backend.sweep_due(job, 1000.0)  # this process saw it running from 1000 on
     backend.note_sweep(1100.0)  # the job had been running for 100 s at the last sweep
     assert not backend.sweep_due(job, 1100.0 + 0.9 * BACKOFF_FRACTION * 100)
     assert backend.sweep_due(job, 1100.0 + BACKOFF_FRACTION * 100)
-    assert backend.sweep_due([("j-2", None, None, "running")], 1100.5)  # nothing known of the job: sweep
+    assert backend.sweep_due([("j-2", None, "running")], 1100.5)  # nothing known of the job: sweep
 
     backend.note_end(200.0)  # a job of this backend ended 200 s after it was created
     assert not backend.sweep_due(job, created + DUE_FRACTION * 200 - 1)
     assert backend.sweep_due(job, created + DUE_FRACTION * 200)
     # a waiting job: no job of this backend was seen to start running yet, so it backs off too
-    waiting = [("j-3", 1990.0, 1990.0, "queued")]
+    waiting = [("j-3", 1990.0, "queued")]
     backend.sweep_due(waiting, 1990.0)
     backend.note_sweep(2000.0)
     assert not backend.sweep_due(waiting, 2000.0 + 0.9 * BACKOFF_FRACTION * 10)
@@ -125,10 +125,10 @@ def test_a_resumed_run_backs_off_from_when_it_first_saw_a_job_not_from_old_recor
     from prefect_openeo.backends import Backend
 
     backend = Backend("b", connection=lambda: None)
-    job = [("j-1", 0.0, 3600.0, "running")]  # recorded: running for an hour by the time this run starts
+    job = [("j-1", 0.0, "running")]  # created two hours before this run starts
     assert backend.sweep_due(job, 7200.0)  # the first sweep of the run
     backend.note_sweep(7200.0)
-    # 15% of an hour would be 9 minutes; this run has watched the job for 0 s, so the next poll sweeps
+    # 15% of its age would be 18 minutes; this run has watched the job for 0 s, so the next poll sweeps
     assert backend.sweep_due(job, 7200.5)
     backend.note_sweep(7200.5)
     assert backend.sweep_due(job, 7201.0)
