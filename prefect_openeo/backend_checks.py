@@ -19,8 +19,8 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
-#: How long the checks wait for backends to answer before the run starts anyway (seconds).
-PROBE_WAIT = 30.0
+from prefect_openeo.settings import settings
+
 #: A backend given as an ``OpenEOBackend`` block (as ``prefect_openeo.flows.BLOCK_PREFIX``; no Prefect import).
 BLOCK_PREFIX = "block:"
 
@@ -179,13 +179,15 @@ class Probe:
         if not self.done.is_set() and self.reached.is_set():
             self.done.wait()
         if not self.done.is_set():
-            self.down = f"backend {self.spec.name!r} at {self.spec.target} did not answer within {PROBE_WAIT:g} s"
+            self.down = (
+                f"backend {self.spec.name!r} at {self.spec.target} did not answer within {settings.probe_wait:g} s"
+            )
 
 
-def wait_for(probes: list[Probe], wait: float = PROBE_WAIT) -> tuple[list[str], list[str]]:
-    """The problems found (the backend cannot be used as given) and the backends that did not answer in time
-    (those found down are left to the run, which says so itself)."""
-    deadline = time.monotonic() + wait
+def wait_for(probes: list[Probe], wait: float | None = None) -> tuple[list[str], list[str]]:
+    """The problems found (the backend cannot be used as given) and the backends that did not answer within
+    ``wait`` seconds (``settings.probe_wait``; those found down are left to the run, which says so itself)."""
+    deadline = time.monotonic() + (settings.probe_wait if wait is None else wait)
     problems, silent = [], []
     for probe in probes:
         probe.wait(deadline)

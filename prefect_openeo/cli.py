@@ -20,6 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from prefect_openeo.backend_checks import Auth, BackendSpecError, Probe, parse_backends, wait_for
+from prefect_openeo.outcome import FAILED_STATUSES, NOT_DOWNLOADED
+from prefect_openeo.schema import BOOKKEEPING
+from prefect_openeo.settings import settings
 from prefect_openeo.states import TERMINAL
 from prefect_openeo.terminal import progress_bars, terminal_logging
 
@@ -34,8 +37,6 @@ EXIT_CODES = (
     "3 done, but some rows ended error, start_failed or canceled; 130 interrupted by Ctrl-C (the job "
     "database is consistent: rerun to resume)."
 )
-#: How long Ctrl-C waits for a run without Prefect to end its sweep (seconds).
-LOCAL_STOP_WAIT = 30.0
 VERBOSE_HELP = "Show Prefect's lines (one per task run) and INFO logs in the terminal too."
 
 
@@ -145,7 +146,7 @@ def _open_db(job_db: str, *, must_exist: bool = True):
 def _read(db) -> Any:
     """The whole job database, checked to be one (exit 2 with what is wrong, e.g. a table without 'status')."""
     from prefect_openeo.jobdb import JobDatabaseError
-    from prefect_openeo.jobdb.files import check_job_frame, normalize_job_frame
+    from prefect_openeo.jobdb.checks import check_job_frame, normalize_job_frame
 
     try:
         df = db.read()
@@ -163,13 +164,6 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
             raise _fail(f"{what} must look like NAME=VALUE, got {value!r}")
         out[key] = rest
     return out
-
-
-#: Columns the job manager and the job databases fill themselves: ``init -c`` must not set them.
-BOOKKEEPING_COLUMNS = (
-    "status", "id", "backend_name", "start_time", "running_start_time", "costs", "cpu", "memory", "duration",
-    "message", "create_token", "planned_backend", "results", "retry_count", "retry_after", "owner", "lease_until",
-)  # fmt: skip
 
 
 @app.command()
@@ -207,15 +201,15 @@ def init(
     (EPSG:4326) and the --column values. GeoJSON is longitude/latitude (RFC 7946); other files without a
     CRS are taken to be too, with a warning."""
     from prefect_openeo.jobdb import create_job_db, get_job_db
-    from prefect_openeo.tiling import TILE_COLUMNS, TooManyTiles
+    from prefect_openeo.tiling import TILE_COLUMNS, TooManyTiles, tiling_note
 
     extra = _pairs(column, "--column")
-    reserved = sorted(set(extra) & {*BOOKKEEPING_COLUMNS, *TILE_COLUMNS})
+    reserved = sorted(set(extra) & {*BOOKKEEPING, *TILE_COLUMNS})
     if reserved:
         raise _fail(
             f"--column cannot set {', '.join(reserved)}: init and the job manager fill "
             f"{'this column' if len(reserved) == 1 else 'these columns'} themselves; choose another name "
-            f"(reserved: {', '.join((*BOOKKEEPING_COLUMNS, *TILE_COLUMNS))})"
+            f"(reserved: {', '.join((*BOOKKEEPING, *TILE_COLUMNS))})"
         )
     try:
         target = get_job_db(job_db)
@@ -238,7 +232,10 @@ def init(
     for key, value in extra.items():
         tiles[key] = _parse_value(value)
     create_job_db(job_db, tiles)
-    console.print(f"Created [bold]{job_db}[/] with {len(tiles)} rows ({tile_size:g} x {tile_size:g} tiles in {crs})")
+    console.print(
+        f"Created [bold]{job_db}[/] with {len(tiles)} rows ({tile_size:g} x {tile_size:g} tiles in {crs})"
+        + tiling_note(tiles)
+    )
 
 
 def _tile(area: Path, tile_size: float, crs: str, max_tiles: int) -> Any:
@@ -290,6 +287,9 @@ def run(
         Auth.none, help="Authentication with URL backends: basic (OPENEO_USERNAME/OPENEO_PASSWORD) or oidc."
     ),
     local: bool = typer.Option(False, "--local", help="Run without Prefect (no flow run)."),
+    wait_for_backends: bool = typer.Option(
+        False, "--wait-for-backends", help="When no backend can be reached at the start, wait for them."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     """Run the job database's jobs until every row ended, with a live progress bar per backend.
@@ -320,38 +320,27 @@ def run(
             _api_ready(api)
             with api.use() if api is not None else contextlib.nullcontext():
                 probes += [Probe(spec).start() for spec in specs if spec.block]
-                _check_backends(probes)
+                _check_backends(probes, wait_for_backends)
                 if local and api is not None:  # the blocks are loaded: no need for Prefect any longer
                     api.close(settled=True)
                     api = None
-                with progress_bars(console, job_db, total, [spec.name for spec in specs]):
+                # The same options either way: the drop-in manager in this process, or the flow run.
+                connections = {spec.name: spec.connection for spec in specs}
+                options = {
+                    "parallel_jobs": parallel_jobs,
+                    "poll_sleep": poll_sleep,
+                    "root_dir": root_dir,
+                    "download_results": download,
+                    "cancel_running_job_after": cancel_after,
+                    "retry_failed_jobs": retry_failed,
+                    "retry_backoff": retry_backoff,
+                }
+                with progress_bars(console, job_db, total, list(connections)):
                     if local:
-                        manager = _local_manager(
-                            {spec.name: spec.connection for spec in specs},
-                            parallel_jobs=parallel_jobs,
-                            poll_sleep=poll_sleep,
-                            root_dir=root_dir,
-                            download_results=download,
-                            cancel_running_job_after=cancel_after,
-                            retry_failed_jobs=retry_failed,
-                            retry_backoff=retry_backoff,
-                        )
-                        _run_local(manager, callback, db)
+                        _run_local(_local_manager(connections, **options), callback, db)
                     else:
                         settled = False
-                        state = _run_flow(
-                            api,
-                            job_db=db,
-                            backends={spec.name: spec.connection for spec in specs},
-                            start_job=callback,
-                            parallel_jobs=parallel_jobs,
-                            poll_sleep=poll_sleep,
-                            root_dir=root_dir,
-                            download_results=download,
-                            cancel_running_job_after=cancel_after,
-                            retry_failed_jobs=retry_failed,
-                            retry_backoff=retry_backoff,
-                        )
+                        state = _run_flow(api, job_db=db, backends=connections, start_job=callback, **options)
                         settled = state.is_completed()
         df = _read(db)
         _print_status(df)
@@ -366,22 +355,30 @@ def run(
     raise typer.Exit(code)
 
 
-def _check_backends(probes: list[Probe]) -> None:
+def _check_backends(probes: list[Probe], wait_for_backends: bool = False) -> None:
     """A backend that is not openEO or rejects the credentials stops everything here (exit 2); one that cannot
-    be reached now does not (its jobs wait while the others go on)."""
+    be reached now does not (its jobs wait while the others go on), unless none can be reached: then nothing
+    could be done, and the command ends (exit 2) unless ``wait_for_backends``."""
     problems, silent = wait_for(probes)
-    for message in silent:
-        console.print(f"[yellow]warning:[/] {message}: its jobs wait while the other backends go on")
     if problems:
         raise _fail("\n".join(problems))
+    down = [probe.down for probe in probes if probe.down]
+    if down and len(down) == len(probes) and not wait_for_backends:
+        raise _fail(
+            "No backend can be reached, nothing was started:\n"
+            + "\n".join(down)
+            + "\nRun the same command again once one is back, or add --wait-for-backends to wait for them."
+        )
+    for message in silent:
+        waits = "while the other backends go on" if len(down) < len(probes) else "until it is back"
+        console.print(f"[yellow]warning:[/] {message}: its jobs wait {waits}")
 
 
 def _check_pinned(df: Any, names: list[str]) -> None:
     """Unfinished rows that name a backend must name one of ``--backend`` (they would wait forever)."""
-    if "backend_name" not in df.columns:
-        return
-    pinned = df.loc[~df["status"].isin(TERMINAL), "backend_name"].dropna()
-    unknown = pinned[(pinned != "") & ~pinned.isin(names)]
+    from prefect_openeo.placement import unregistered
+
+    unknown = unregistered(df[~df["status"].isin(TERMINAL)], names)["backend_name"]
     if not unknown.empty:
         raise _fail(
             f"{len(unknown)} unfinished row(s) name backend(s) {', '.join(sorted(set(unknown)))} (e.g. row "
@@ -433,7 +430,7 @@ def _local_manager(connections: dict[str, Any], *, parallel_jobs: int, **options
 
     from prefect_openeo import MultiBackendJobManager
 
-    manager = MultiBackendJobManager(**options)
+    manager = MultiBackendJobManager(stac_catalog=True, **options)
     for name, connection in connections.items():
         if isinstance(connection, str):
             url = connection
@@ -446,10 +443,10 @@ def _run_local(manager: Any, callback: Any, job_db: Any) -> None:
     """The drop-in manager in its thread, until it ends; Ctrl-C lets it end its sweep first."""
     manager.start_job_thread(start_job=callback, job_db=job_db)
     try:
-        while manager._thread.is_alive():
-            manager._thread.join(0.2)
+        while not manager.join_job_thread(0.2):
+            pass
     except KeyboardInterrupt:
-        manager.stop_job_thread(timeout_seconds=LOCAL_STOP_WAIT)
+        manager.stop_job_thread(timeout_seconds=settings.local_stop_wait)
         raise
 
 
@@ -481,11 +478,18 @@ def _outcome(df: Any, state: Any = None) -> int:
             "run the same command again to resume"
         )
         return EXIT_RUN_FAILED
-    failed = int(df["status"].isin(["error", "start_failed", "canceled"]).sum())
+    failed = int(df["status"].isin(FAILED_STATUSES).sum())
     if failed:
         console.print(f"{failed} row(s) ended error, start_failed or canceled: see `prefect-openeo status`")
-        return EXIT_FAILED_ROWS
-    return EXIT_OK
+    missing = 0
+    if "results" in df.columns:
+        missing = int((df["status"].eq("finished") & df["results"].isin(NOT_DOWNLOADED)).sum())
+    if missing:
+        console.print(
+            f"{missing} finished row(s) whose results were not downloaded: see `prefect-openeo status`, "
+            "then `prefect-openeo download --missing`"
+        )
+    return EXIT_FAILED_ROWS if failed or missing else EXIT_OK
 
 
 def _close(api: Any, settled: bool, code: int | None = None) -> int | None:
@@ -514,7 +518,7 @@ def _print_ui_hint(api: Any, flow_run_id: Any) -> None:
 
 
 def _print_status(df) -> dict:
-    from prefect_openeo.report import summary
+    from prefect_openeo.report import readable_number, summary
 
     info = summary(df)
     statuses = [s for s in info["by_status"]]
@@ -525,8 +529,12 @@ def _print_status(df) -> dict:
     for name, counts in info["by_backend"].items():
         table.add_row(name, *(str(counts.get(s, 0)) for s in statuses))
     console.print(table)
-    usage = ", ".join(f"{k} {v:g} {info['usage_units'].get(k, '')}".strip() for k, v in info["usage"].items())
-    console.print(f"Costs: {info['costs']:g}" + (f"; usage: {usage}" if usage else ""))
+    usage = ", ".join(
+        f"{k} {readable_number(v)} {info['usage_units'].get(k, '')}".strip() for k, v in info["usage"].items()
+    )
+    console.print(f"Costs: {readable_number(info['costs'])}" + (f"; usage: {usage}" if usage else ""))
+    if info["results"]:
+        console.print("Results of finished rows: " + ", ".join(f"{n} {state}" for state, n in info["results"].items()))
     if info["running_seconds"]:
         longest = max(info["running_seconds"].items(), key=lambda kv: kv[1])
         console.print(f"Running: {len(info['running_seconds'])} jobs, longest row {longest[0]} for {longest[1]} s")
@@ -542,7 +550,7 @@ def status(
     job_db: str = typer.Argument(..., help="Job database (path or SQLAlchemy URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
-    """Counts by status and backend, running times, costs and usage, rows with errors."""
+    """Counts by status and backend, result downloads, costs and usage, jobs running now, rows with errors."""
     from prefect_openeo.report import summary
 
     df = _read(_open_db(job_db))
@@ -588,18 +596,17 @@ def retry(
     if rows.empty:
         console.print("No rows to reset.")
         return
-    # A start_failed row keeps its creation token: its job may exist after all (the backend created it, the
-    # answer was lost), so the next run searches the backend's listing for it before creating another one.
-    keep_token = rows["status"] == "start_failed"
-    for column in ("id", "start_time", "running_start_time", "message", "retry_after", "results", "retry_count"):
-        if column in rows.columns:
-            rows[column] = None
-    for column in ("create_token", "planned_backend"):
-        if column in rows.columns:
-            rows[column] = rows[column].where(keep_token, None)
-    rows["status"] = "not_started"
-    db.persist(rows)
-    console.print(f"Reset {len(rows)} row(s) to not_started: {', '.join(map(str, rows.index[:20]))}")
+    from prefect_openeo import transitions
+    from prefect_openeo.jobdb import open_store
+
+    store = open_store(db)
+    landed = store.apply([transitions.reset(row, index) for index, row in rows.iterrows()], rows)
+    console.print(f"Reset {len(landed)} row(s) to not_started: {', '.join(map(str, landed[:20]))}")
+    skipped = [str(i) for i in rows.index if i not in set(landed)]
+    if skipped:  # a worker holds them now, or their status moved on since they were read
+        console.print(
+            f"[yellow]warning:[/] not reset (changed meanwhile, or held by a live worker): {', '.join(skipped[:20])}"
+        )
 
 
 @app.command()

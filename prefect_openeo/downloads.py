@@ -35,6 +35,10 @@ class DownloadReport:
     bytes: int = 0
 
 
+class NoAssets(ValueError):
+    """A finished job whose results document lists no assets (nothing was downloaded)."""
+
+
 def _asset_filename(key: str) -> str:
     name = Path(key).name
     if not name or name in (".", ".."):
@@ -120,6 +124,8 @@ def download_job_results(
     metadata = results.get_metadata()
     report = DownloadReport(job_id=job_id)
     assets = metadata.get("assets") or {}
+    if not assets:  # nothing to download is not a download done: the row's results stay owed, and say why
+        raise NoAssets(f"the backend's results document of job {job_id} lists no assets")
     for key, asset in assets.items():
         if not isinstance(asset, dict) or "href" not in asset:
             raise ValueError(f"Job {job_id}: asset {key!r} has no href")

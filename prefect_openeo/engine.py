@@ -1,18 +1,22 @@
-"""The manager loop: claim rows, dispatch each backend's work to its lane, persist what changed, sleep.
+"""The manager loop: claim rows, dispatch each backend's work to its lane, apply the patches, sleep.
 
 One engine, run two ways. ``Steps`` carries the lifecycle actions: plain functions outside a flow run,
 Prefect tasks inside one (see ``prefect_openeo.tasks``). The engine itself never imports Prefect.
 
-The job database is the single record of every row's progress; the engine keeps in memory only what
-concerns its own work under way. Each sweep, in the calling thread:
+The job store is the single record of every row's progress; the engine keeps in memory only what concerns
+its own work under way, and is the only writer of rows: it applies the ``transitions.Patch`` objects that
+lanes, downloads and retries make (``_write``) and tells the observers of each one that landed. Each sweep:
 
-1. apply what finished lanes and downloads returned (one write of the changed rows);
+1. apply what finished lanes and downloads returned;
 2. claim the rows to work on: active rows (to track), unresolved creations (rows whose creation token
-   was recorded but whose job id was not: a stopped run, or a worker that died), and new rows for the free
-   slots of each backend (their token and planned backend recorded before any job is created);
+   was recorded but whose job id was not: a stopped run, a lost answer, a worker that died), and new rows
+   for the free slots of each backend (their token and planned backend recorded before any job is created);
 3. hand every idle backend its rows in its own lane (``prefect_openeo.lanes``) and wait for the lanes a
-   bounded time: a backend in an outage keeps retrying in its lane while the others go on;
+   bounded time: a backend in an outage keeps retrying in its lane while the others go on. A lane whose
+   sweep ended jobs fills their slots at once (``_refill``: track, then fill);
 4. start the result downloads that are owed (``results = pending``), off the sweep's critical path.
+
+The engine's thread holds ``_lock`` while it uses the job store; a lane refilling its slots takes it too.
 """
 
 from __future__ import annotations
@@ -28,47 +32,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+import requests
 from openeo import BatchJob, Connection
 from openeo.extra.job_management import JobDatabaseInterface
-from openeo.rest import OpenEoApiError
-from openeo.util import rfc3339
 
+from prefect_openeo import transitions
 from prefect_openeo.backends import Backend, BackendUnavailable
-from prefect_openeo.frames import blank, set_cell
-from prefect_openeo.jobdb.local import LocalRows
-from prefect_openeo.lanes import (
-    MESSAGE_COLUMN,
-    PLANNED_COLUMN,
-    RESULTS_COLUMN,
-    TOKEN_COLUMN,
-    BackendWork,
-    Lane,
-    LaneConfig,
-    LaneResult,
-    run_in_thread,
-)
-from prefect_openeo.placement import SlotGate, assign_rows
+from prefect_openeo.frames import blank
+from prefect_openeo.jobdb.errors import JobDatabaseError
+from prefect_openeo.jobdb.store import open_store
+from prefect_openeo.lanes import BackendWork, Lane, LaneConfig, LaneResult, reconcile, run_in_thread
+from prefect_openeo.placement import SlotGate, speed_caps
+from prefect_openeo.run_clock import RunClock
+from prefect_openeo.schema import BACKEND, ID, PLANNED, RETRY_COUNT, TOKEN
+from prefect_openeo.settings import settings
 from prefect_openeo.states import TERMINAL
 from prefect_openeo.steps import Steps
+from prefect_openeo.transitions import Patch
 
 _log = logging.getLogger("prefect_openeo")
 
 #: Statuses that keep ``run_jobs`` going (upstream's set).
 WORK_STATUSES = ["not_started", "created", "queued_for_start", "queued", "running"]
-#: How often a failing result download (``on_job_done``) is tried in one run.
-DOWNLOAD_ATTEMPTS = 3
-#: Result downloads running at once.
-DOWNLOAD_WORKERS = 4
-RETRY_COUNT_COLUMN = "retry_count"
-RETRY_AFTER_COLUMN = "retry_after"
-#: Longest the start of a run waits for its backend checks (a slow one goes on in its lane; seconds).
-CHECK_WAIT = 10.0
-#: Longest a sweep waits for a backend's lane before going on without it (seconds).
-LANE_WAIT = 10.0
 #: A cap on new rows that does not limit anything (the budget does).
 NO_CAP = 1_000_000
-#: After this many identical ``start_job`` failures in a row, the run stops creating jobs and fails.
-IDENTICAL_FAILURES_STOP = 5
+
+
+#: While a backend stays unreachable, the run says what it waits for this often (seconds).
+STILL_WAITING_EVERY = 60.0
 
 
 class BackendsGaveOut(RuntimeError):
@@ -80,17 +71,7 @@ class StartJobFailing(RuntimeError):
     it (a band the collection lacks, say), which every further row would repeat."""
 
 
-__all__ = [
-    "JobEngine",
-    "Observer",
-    "RunSettings",
-    "SlotGate",
-    "Steps",
-    "assign_rows",
-    "set_cell",
-    "MESSAGE_COLUMN",
-    "TOKEN_COLUMN",
-]
+__all__ = ["JobEngine", "Observer", "RunSettings", "SlotGate", "Steps"]
 
 
 class Observer:
@@ -139,7 +120,7 @@ class RunSettings:
     on_cancel: Callable[[BatchJob, pd.Series], None] = _no_cancel_hook
     connection_provider: Callable[[str], Connection] | None = None
     #: Stop after this many identical ``start_job`` failures in a row (None: never).
-    identical_failures_stop: int | None = IDENTICAL_FAILURES_STOP
+    identical_failures_stop: int | None = field(default_factory=lambda: settings.identical_failures_stop)
     #: Give up on a backend that stays unreachable this long (seconds; None: wait for it, as for an outage).
     #: The run then ends when the other backends have nothing left, with ``BackendsGaveOut`` if rows remain.
     give_up_after: float | None = None
@@ -167,15 +148,20 @@ class JobEngine:
     should_stop: Callable[[], bool] = lambda: False
     #: Whether ``should_stop`` may become true while sleeping (a background thread).
     stoppable: bool = False
-    lane_wait: float = LANE_WAIT
+    lane_wait: float = field(default_factory=lambda: settings.lane_wait)
     gate: SlotGate = field(default_factory=SlotGate)
-    download_workers: int = DOWNLOAD_WORKERS
+    download_workers: int = field(default_factory=lambda: settings.download_workers)
 
     def __post_init__(self) -> None:
         self.backends = dict(self.settings.backends)
         #: The row claims: the SQL job database's own (shared by workers), or a local stand-in.
-        self.rows = self.job_db if getattr(self.job_db, "shared", False) else LocalRows(self.job_db)
+        self.store = open_store(self.job_db)
+        #: Held while applying patches and claiming rows: lanes refill their slots from their own threads.
+        self._lock = threading.RLock()
+        self._ended = False
         self._lanes = {name: Lane(name) for name in self.backends}
+        #: Times the sweeps: a sleep that returned early (a patched ``time.sleep``) counts as slept.
+        self.clock = RunClock()
         self._lane_config = LaneConfig(
             steps=self.steps,
             start_job=self.start_job,
@@ -186,25 +172,38 @@ class JobEngine:
             on_error=self.settings.on_error,
             on_cancel=self.settings.on_cancel,
             gate=self.gate,
+            refill=self._refill,
+            creation_given_up=lambda index: self._uncertain[index] >= settings.uncertain_creations,
+            start_given_up=self._start_given_up,
+            min_gap=float(self.settings.poll_sleep),
+            clock=self.clock.now,
         )
-        #: Budgets per backend (``parallel_jobs``; for a shared database, the one recorded in it).
-        self._budgets = {name: backend.parallel_jobs for name, backend in self.backends.items()}
+        #: Per backend: when a sweep of its jobs may next learn something (``LaneResult.next_look``).
+        self._next_look: dict[str, float | None] = {}
         #: Backends that could not be reached, with why (their lanes keep trying).
         self._down: dict[str, str] = {}
         self._down_since: dict[str, float] = {}
+        self._said_waiting: dict[str, float] = {}
         #: Backends unreachable for longer than ``give_up_after``: no more work goes to them in this run.
         self._given_up: set[str] = set()
         #: Rows whose last problem is still unresolved, with a message (for the run's summary).
         self._problems: dict[Any, str] = {}
         #: ``GET /jobs/{id}`` documents of jobs that ended, handed to their downloads (saves a request).
         self._details: dict[Any, dict] = {}
-        #: Downloads running (row -> future) and those owed in this run (attempts and backoff).
+        #: Downloads running (row -> future, and the row as claimed) and those owed in this run (attempts, backoff).
         self._downloading: dict[Any, concurrent.futures.Future] = {}
+        self._download_rows: dict[Any, pd.Series] = {}
         self._downloads: dict[Any, _Download] = {}
         self._download_ended = threading.Event()
         #: ``start_job`` failures in a row that are the same failure, and the failures already logged in full.
-        self._same_failures: list[tuple[Any, Any]] = []
+        self._same_failures: list[tuple[Any, Any, pd.Series]] = []
+        #: Creations per row whose answer was lost, in this run (``settings.uncertain_creations`` at most).
+        self._uncertain: collections.Counter = collections.Counter()
+        #: Starts per row that failed for now, in this run (``settings.start_attempts`` at most).
+        self._start_failures: collections.Counter = collections.Counter()
         self._logged_failures: set[str] = set()
+        #: Slots per backend as the job database records them for this run (``prepare_run``).
+        self._slots: dict[str, int] = {}
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -213,44 +212,55 @@ class JobEngine:
         self._check_backend_names()
         self._check_backends()
         try:
-            self._budgets = self.rows.prepare_run(self._budgets)
-            elsewhere = self.rows.pending_downloads() - self.rows.pending_downloads(list(self.backends))
+            self._slots = self.store.prepare_run({n: backend.parallel_jobs for n, backend in self.backends.items()})
+            elsewhere = self.store.pending_downloads() - self.store.pending_downloads(list(self.backends))
             if elsewhere:
                 _log.warning(
                     f"{elsewhere} finished row(s) owe result downloads from backends not registered in this run: "
                     "they stay pending (register their backends to download them)"
                 )
             self._reconcile_unplanned()
-            while not self.should_stop() and self.has_work():
+            while not self.should_stop() and self._has_work():
                 self.iteration()
-                self._stop_if_start_job_keeps_failing()
-                self.stats["run_jobs loop"] += 1
-                _log.info(f"Job status histogram: {self.job_db.count_by_status()}. Run stats: {dict(self.stats)}")
-                self.observer.sweep_done(self.job_db, self.stats)
+                with self._lock:
+                    self._stop_if_start_job_keeps_failing()
+                    self.stats["run_jobs loop"] += 1
+                    histogram = self.job_db.count_by_status()
+                    _log.info(f"Job status histogram: {histogram}. Run stats: {dict(self.stats)}")
+                    self.observer.sweep_done(self.job_db, self.stats)
                 self.gate.renew()
                 self._sleep()
         finally:
             self.gate.close()
             self._release()
-            self.observer.run_done(self.job_db, self.stats, dict(self._problems))
+            with self._lock:
+                self.observer.run_done(self.job_db, self.stats, dict(self._problems))
         if self._given_up and not self.should_stop():
-            left = self._work_by_backend()
+            with self._lock:
+                left = self._work_by_backend()
+            why = "; ".join(self._down.get(name, f"{name} unreachable") for name in sorted(self._given_up))
             raise BackendsGaveOut(
-                f"Gave up on backend(s) {', '.join(sorted(self._given_up))}: unreachable for more than "
-                f"{self.settings.give_up_after:g} s; {sum(left.values())} row(s) are left for them (pinned or with "
-                "their jobs there): run again once they are back"
+                f"Gave up on backend(s) {', '.join(sorted(self._given_up))}: {why}; {sum(left.values())} row(s) are "
+                "left for them (pinned or with their jobs there): run again once they are back"
             )
         return self.stats
 
     def _release(self) -> None:
         """At the end of a run: apply what is done, give up every claim but those of work still under way
         (a creation or download a stopped run's threads may yet finish), so no one waits for leases."""
-        try:
-            self._collect()
-        except Exception as e:  # already raised once by the loop, or a lane that failed as the run stopped
-            _log.debug(f"Ignoring an error of work that ended with the run: {e!r}")
-        keep = [i for lane in self._lanes.values() if lane.busy() for i in lane.creating] + list(self._downloading)
-        self.rows.release(keep)
+        with self._lock:
+            self._ended = True  # no lane refills its slots any more
+            try:
+                self._collect()
+            except Exception as e:  # already raised once by the loop, or a lane that failed as the run stopped
+                _log.debug(f"Ignoring an error of work that ended with the run: {e!r}")
+            busy = [lane for lane in self._lanes.values() if lane.busy()]
+            keep = [i for lane in busy for i in lane.creating] + list(self._downloading)
+            self.store.release(keep)
+
+    def _has_work(self) -> bool:
+        with self._lock:
+            return self.has_work()
 
     def has_work(self) -> bool:
         if self._busy():
@@ -258,10 +268,10 @@ class JobEngine:
         usable = [name for name in self.backends if name not in self._given_up]
         if not usable:
             return False
-        if self.rows.pending_downloads(usable) > 0:
+        if self.store.pending_downloads(usable) > 0:
             return True
         if not self._given_up:
-            return self.rows.work_left(WORK_STATUSES, usable) > 0
+            return self.store.work_left(WORK_STATUSES, usable) > 0
         left = self._work_by_backend()
         return any(name not in self._given_up for name in left)
 
@@ -273,10 +283,21 @@ class JobEngine:
 
     def _busy(self) -> bool:
         """Work under way that the run must wait for (a lane only checking whether its backend is back is not)."""
-        return any(lane.busy() and not lane.checking for lane in self._lanes.values()) or bool(self._downloading)
+        waited = [lane for name, lane in self._lanes.items() if name not in self._given_up and not lane.checking]
+        return any(lane.busy() for lane in waited) or bool(self._downloading)
+
+    def _sleep_seconds(self) -> float:
+        """Until the next sweep: ``poll_sleep``, or less where a backend's jobs may have ended sooner (its
+        ``next_look``, itself never sooner than ``poll_sleep`` after that backend's last sweep)."""
+        poll = float(self.settings.poll_sleep)
+        looks = [t for name, t in self._next_look.items() if t is not None and name not in self._given_up]
+        if not looks:
+            return poll
+        return min(poll, max(min(looks) - self.clock.now(), min(poll, 0.05)))
 
     def _sleep(self) -> None:
-        """Sleep ``poll_sleep`` through ``time.sleep`` looked up now, so patches and time machines apply.
+        """Sleep until the next sweep (``_sleep_seconds``) through ``time.sleep`` looked up now, so patches and
+        time machines apply (``RunClock.sleep``: a patched sleep counts as slept).
 
         While downloads run, the first part of the sleep is spent waiting for them instead: each one that
         ends is recorded at once and the next owed download starts, so results never wait for a sweep.
@@ -284,32 +305,47 @@ class JobEngine:
         (``start_job_thread``) sleeps in steps of at most a second so that ``stop_job_thread`` is answered
         quickly, as upstream's thread.
         """
-        remaining = float(self.settings.poll_sleep)
+        remaining = self._sleep_seconds()
         while self._downloading and remaining > 0 and not self.should_stop():
             began = time.monotonic()
             self._download_ended.wait(min(remaining, 1.0))
             self._download_ended.clear()
-            self._collect_downloads()
-            self._start_downloads()
+            with self._lock:
+                self._collect_downloads()
+                self._start_downloads()
             remaining -= time.monotonic() - began
         if remaining <= 0:
             pass
         elif self.stoppable:
             while remaining > 0 and not self.should_stop():
                 step = min(1.0, remaining)
-                time.sleep(step)
+                self.clock.sleep(step)
                 remaining -= step
         else:
-            time.sleep(remaining)
+            self.clock.sleep(remaining)
         self.stats["sleep"] += 1
 
     def iteration(self) -> None:
-        """One sweep: apply finished work, claim rows, dispatch every idle backend's work, start downloads."""
+        """One sweep: apply finished work, claim rows, dispatch every idle backend's work, start downloads.
+
+        The engine's thread holds ``_lock`` while it reads and writes the job store; a lane that frees slots
+        takes it to refill them (``_refill``), so the store is only ever used by one thread at a time."""
+        with self._lock:
+            submitted = self._dispatch()
+        if submitted:
+            concurrent.futures.wait(submitted, timeout=self.lane_wait)
+        with self._lock:
+            self._collect()
+            self._schedule_retries()
+            self._start_downloads()
+
+    def _dispatch(self) -> list[concurrent.futures.Future]:
+        """Apply finished work, claim the rows to work on, hand every idle backend its work."""
         self._collect()
         known = list(self.backends)
-        active = self._orphans(self.rows.claim_active(known))
-        unresolved = self.rows.claim_unresolved(known)
-        if not unresolved.empty and (PLANNED_COLUMN not in unresolved or unresolved[PLANNED_COLUMN].map(blank).any()):
+        active = self._orphans(self.store.claim_active(known))
+        unresolved = self.store.claim_unresolved(known)
+        if not unresolved.empty and (PLANNED not in unresolved or unresolved[PLANNED].map(blank).any()):
             self._reconcile_unplanned()
         plan = self._plan()
         submitted = []
@@ -319,49 +355,50 @@ class JobEngine:
                 continue
             if lane.busy():
                 self.stats["lane busy"] += 1
+                waited = time.monotonic() - lane.since
+                if waited > settings.stuck_after:  # a hung request: an outage of that backend, as far as we know
+                    self._note_availability(name, f"Backend {name!r} has not answered for {waited:.0f} s", lane.since)
                 continue
             mine = active[active["backend_name"] == name]
-            pending = unresolved[unresolved[PLANNED_COLUMN] == name] if PLANNED_COLUMN in unresolved else None
+            pending = unresolved[unresolved[PLANNED] == name] if PLANNED in unresolved else None
             new = plan.get(name, mine.iloc[0:0])
             if mine.empty and new.empty and (pending is None or pending.empty):
                 if name not in self._down or not self.job_db.count_by_status(statuses=["not_started"]):
                     continue  # nothing to do; a backend that is down is tried again while rows wait
             work = BackendWork(self._lane_config, backend, mine.copy(), new, pending)
             submitted.append(lane.submit(work, self.steps.run_lane))
-        if submitted:
-            concurrent.futures.wait(submitted, timeout=self.lane_wait)
-        self._collect()
-        self._schedule_retries()
-        self._start_downloads()
+        return submitted
 
     def _orphans(self, active: pd.DataFrame) -> pd.DataFrame:
         """Active rows with no backend cannot be tracked: mark them (the run would never end otherwise)."""
-        lost = active["backend_name"].map(blank)
+        lost = active[BACKEND].map(blank)
         if not lost.any():
             return active
         rows = active[lost].copy()
-        for index in rows.index:
-            message = f"row is {rows.at[index, 'status']!r} but has no backend_name"
-            rows.at[index, "status"] = "start_failed"
-            set_cell(rows, index, MESSAGE_COLUMN, message)
-            self._problems[index] = message
-            self.observer.row_status(index, rows.loc[index], "start_failed")
-        self._persist(rows, set(rows.index))
+        self._write([transitions.untrackable(row, index, "backend_name") for index, row in rows.iterrows()], rows)
         return active[~lost]
 
     # -- applying what lanes and downloads did ------------------------------------------------------
     def _collect(self) -> None:
-        """Apply the results of finished lanes and downloads; re-raise what must stop the run."""
+        """Apply the results of finished lanes and downloads; re-raise what must stop the run.
+
+        A lane's work that failed (a backend's answer that no step foresaw) is that backend's fault, like an
+        outage: logged once in full, counted against ``give_up_after``; its rows are claimed again next sweep
+        (a creation it may have begun is reconciled by its token). What stops the run: a job database that
+        fails, and (as openeo's manager) a request whose whole retry budget was spent (``RetryError``)."""
         errors = []
-        for lane in self._lanes.values():
+        for name, lane in self._lanes.items():
             future = lane.future
             if future is None or not future.done():
                 continue
             lane.future = None
             try:
                 result: LaneResult = future.result()
-            except Exception as e:
+            except (JobDatabaseError, requests.exceptions.RetryError) as e:
                 errors.append(e)
+                continue
+            except Exception as e:
+                self._lane_failed(name, e)
                 continue
             self._apply(result)
         self._collect_downloads()
@@ -373,37 +410,103 @@ class JobEngine:
         ended = [(index, future) for index, future in self._downloading.items() if future.done()]
         if not ended:
             return
+        rows = pd.DataFrame([self._download_rows.pop(index) for index, _ in ended])
         for index, _ in ended:
             del self._downloading[index]
-        rows = self.job_db.get_by_indices([index for index, _ in ended]).copy()
-        changed = {index for index, future in ended if index in rows.index and self._download_done(rows, index, future)}
-        self._persist(rows, changed)
+        patches = [p for index, future in ended if (p := self._download_done(rows.loc[index], index, future))]
+        self._write(patches, rows)
 
     def _apply(self, result: LaneResult) -> None:
         for key, value in result.stats.items():
             self.stats[key] += value
         self._note_availability(result.backend, result.unavailable)
-        self._persist(result.rows, result.changed)
-        self._problems.update(result.problems)
+        self._next_look[result.backend] = result.next_look
+        signed_out = self.backends[result.backend].signed_out
+        if signed_out and result.backend not in self._given_up:  # nothing this run can do about it
+            _log.error(f"{signed_out}. Giving up on it for this run; its rows wait for the next run")
+            self._down[result.backend] = signed_out
+            self._given_up.add(result.backend)
+            self.stats["backend given up"] += 1
+        self._write(result.patches[result.applied :], result.rows)
         if result.refused:  # no slot in the shared limit now: the rows wait for a later sweep
-            self.rows.unclaim(result.refused)
-        self._note_start_job_calls(result.start_job_calls)
-        for index, status in result.notes:
-            self.observer.row_status(index, result.rows.loc[index], status)
-            if status in TERMINAL:
-                self.gate.release(index)
-            if status == "finished" and self.settings.results_owed and index in result.details:
-                self._details[index] = result.details[index]
+            self.store.unclaim(result.refused, held=result.rows)
+        self._note_start_job_calls(result.start_job_calls, result.rows)
+        for index, details in result.details.items():
+            if self.settings.results_owed and result.rows.at[index, "status"] == "finished":
+                self._details[index] = details
 
-    def _note_availability(self, name: str, unavailable: str | None) -> None:
+    def _refill(self, name: str, patches: list[Patch], held: pd.DataFrame) -> pd.DataFrame:
+        """A lane's sweep freed slots: apply its patches so far, then plan rows for the backend's free slots."""
+        with self._lock:
+            if self._ended:  # the run let go of the job database: the next run reconciles what this work did
+                return held.iloc[0:0]
+            self._write(patches, held)
+            if self.should_stop() or name in self._down:
+                return held.iloc[0:0]
+            limit = self.backends[name].limit()
+            caps = {name: NO_CAP if limit is None else limit}
+            return self.store.claim_new(caps, [name], new_at_most=self._speed_caps())
+
+    def _write(self, patches: list[Patch], held: pd.DataFrame) -> None:
+        """Apply patches to the job store (one write), then tell the observers of every one that landed.
+
+        ``held``: the rows as this run holds them, patched. A patch a shared store refuses (the row changed
+        under this run, or another live worker holds it now) is dropped: the row is that worker's.
+        """
+        if not patches:
+            return
+        with self._lock:
+            self._write_locked(patches, held)
+
+    def _write_locked(self, patches: list[Patch], held: pd.DataFrame) -> None:
+        landed = set(self.store.apply(patches, held))
+        if landed:
+            self.stats["job_db persist"] += 1
+        refused = sorted({p.index for p in patches if p and p.index not in landed}, key=str)
+        if refused:
+            self.stats["patch not applied"] += len(refused)
+            _log.warning(
+                f"Rows {refused[:10]} changed under this run (another worker holds them now, or their status "
+                "moved on): this run's update of them was not written"
+            )
+        for patch in patches:
+            if patch and patch.index not in landed:
+                continue
+            if patch.problem:
+                self._problems[patch.index] = patch.problem
+            elif patch.resolved:
+                self._problems.pop(patch.index, None)
+            if patch.status:
+                self.observer.row_status(patch.index, held.loc[patch.index], patch.status)
+            if patch.status in TERMINAL or (TOKEN in patch.cells and patch.cells[TOKEN] is None):
+                self.gate.release(patch.index)  # the row's slot of a shared limit: it ended, or was not created
+
+    def _start_given_up(self, index: Any) -> bool:
+        """A start of row ``index`` failed for now: whether its starts failed often enough in this run."""
+        with self._lock:
+            self._start_failures[index] += 1
+            return self._start_failures[index] >= settings.start_attempts
+
+    def _lane_failed(self, name: str, error: Exception) -> None:
+        self.stats["backend work failed"] += 1
+        signature = f"{name}: {type(error).__name__}"
+        if signature not in self._logged_failures:
+            self._logged_failures.add(signature)
+            _log.error(f"Backend {name!r}: its work of a sweep failed ({error!r})", exc_info=error)
+        self._note_availability(name, f"Backend {name!r} answered what could not be used: {error!r}")
+
+    def _note_availability(self, name: str, unavailable: str | None, since: float | None = None) -> None:
         now = time.monotonic()
         if unavailable and name not in self._down:
-            _log.warning(f"{unavailable}; its jobs wait while the other backends go on (trying again each sweep)")
-            self._down_since[name] = now
+            others = " while the other backends go on" if len(self.backends) > 1 else ""
+            _log.warning(f"{unavailable}; its jobs wait{others} (trying again each sweep)")
+            self._down_since[name] = now if since is None else since
         elif not unavailable and name in self._down:
             _log.warning(f"Backend {name!r} is reachable again")
+            self._said_waiting.pop(name, None)
         if unavailable:
             self._down[name] = unavailable
+            self._say_still_waiting(name, unavailable, now)
             limit = self.settings.give_up_after
             if limit is not None and now - self._down_since[name] > limit and name not in self._given_up:
                 _log.error(f"Giving up on backend {name!r} for this run: unreachable for more than {limit:g} s")
@@ -412,12 +515,31 @@ class JobEngine:
         else:
             self._down.pop(name, None)
 
-    def _note_start_job_calls(self, calls: list[tuple[Any, Any]]) -> None:
+    def _say_still_waiting(self, name: str, why: str, now: float) -> None:
+        """Once a minute while a backend stays unreachable: what the run waits for, and until when."""
+        down_for = now - self._down_since[name]
+        if (
+            down_for < STILL_WAITING_EVERY
+            or now - self._said_waiting.get(name, self._down_since[name]) < STILL_WAITING_EVERY
+        ):
+            return
+        self._said_waiting[name] = now
+        limit = self.settings.give_up_after
+        until = f"gives up after {limit:g} s" if limit is not None else "waits until it is back (give_up_after: never)"
+        _log.warning(f"Still waiting for backend {name!r}, unreachable for {down_for:.0f} s ({why}); the run {until}")
+
+    def _note_start_job_calls(self, calls: list[tuple[Any, Any]], rows: pd.DataFrame) -> None:
         """Log each distinct ``start_job`` failure once in full (later ones in a line), and count identical
         failures in a row."""
         for index, outcome in calls:
             if outcome is None:
                 self._same_failures.clear()
+                continue
+            if outcome.signed_out:  # the backend refused the token: not start_job's fault
+                continue
+            if outcome.uncertain:  # the backend's fault, not start_job's: looked for, then tried again (bounded)
+                self._uncertain[index] += 1
+                _log.warning(f"Row {index}: {outcome.error}: the job may exist; looked for before creating again")
                 continue
             signature = outcome.signature or outcome.error
             if signature in self._logged_failures:
@@ -425,12 +547,10 @@ class JobEngine:
             else:
                 self._logged_failures.add(signature)
                 _log.warning(f"Row {index}: {outcome.error}\n{outcome.traceback or ''}".rstrip())
-            if (
-                self._same_failures
-                and (self._same_failures[0][1].signature or self._same_failures[0][1].error) != signature
-            ):
+            first = self._same_failures[0][1] if self._same_failures else None
+            if first is not None and (first.signature or first.error) != signature:
                 self._same_failures.clear()
-            self._same_failures.append((index, outcome))
+            self._same_failures.append((index, outcome, rows.loc[index]))
 
     def _stop_if_start_job_keeps_failing(self) -> None:
         """Identical ``start_job`` failures in a row: stop, with one clear error showing the first traceback;
@@ -439,15 +559,17 @@ class JobEngine:
         if not limit or len(self._same_failures) < limit:
             return
         failures = list(self._same_failures)
-        rows = self.job_db.get_by_indices([index for index, _ in failures]).copy()
+        rows = pd.DataFrame([row for _, _, row in failures])
+        patches = [
+            transitions.reset(row, index, retry_count=None if blank(row.get(RETRY_COUNT)) else row[RETRY_COUNT])
+            for index, row in rows.iterrows()
+        ]
+        for patch in patches:
+            transitions.apply_to(rows, patch)
+        self._write(patches, rows)
         for index in rows.index:
-            rows.at[index, "status"] = "not_started"
-            for column in (MESSAGE_COLUMN, "start_time"):
-                if column in rows.columns:
-                    set_cell(rows, index, column, None)
             self._problems.pop(index, None)
-        self._persist(rows, set(rows.index))
-        first_index, first = failures[0]
+        first_index, first, _ = failures[0]
         raise StartJobFailing(
             f"start_job failed the same way for {len(failures)} rows in a row ({first.error}); stopped creating "
             f"jobs. Those rows are not_started again: fix start_job and run again. "
@@ -468,11 +590,34 @@ class JobEngine:
             caps[name] = 0 if self._lanes[name].busy() or name in self._down else (NO_CAP if limit is None else limit)
         if not any(caps.values()):
             return {}
-        planned = self.rows.claim_new(caps, list(self.backends))
+        planned = self.store.claim_new(caps, list(self.backends), new_at_most=self._speed_caps())
         if planned.empty:
             return {}
-        by_backend = planned[PLANNED_COLUMN]
+        by_backend = planned[PLANNED]
         return {name: planned[by_backend == name] for name in self.backends if (by_backend == name).any()}
+
+    def _speed_caps(self) -> dict[str, int]:
+        """Near the end of a campaign, rows wait for a fast backend rather than start on a slower one that
+        would end them later (``placement.speed_caps``; from the durations this run saw, once at least two
+        usable backends have some: not one that is down, or whose sweep has hung for longer than its jobs
+        take). Each backend's first such wait is logged with why."""
+        expected = {}
+        for name, backend in self.backends.items():
+            duration, lane = backend.expected_duration(), self._lanes[name]
+            if duration is None or name in self._down:
+                continue
+            if lane.busy() and time.monotonic() - lane.since > max(duration, float(self.settings.poll_sleep)):
+                continue  # its sweep hangs (e.g. retrying through an outage): it ends nothing sooner now
+            expected[name] = duration
+        if len(expected) < 2:
+            return {}
+        slots = {name: self.backends[name].limit() or self._slots.get(name, 0) for name in expected}
+        caps = speed_caps(expected, slots, self.store.waiting_rows())
+        for name, (_, why) in caps.items():
+            self.stats["sweeps waiting for faster backends"] += 1
+            if self.backends[name].first_time("speed cap"):
+                _log.info(f"{why}: the other rows wait for a slot there")
+        return {name: cap for name, (cap, _) in caps.items()}
 
     # -- downloads --------------------------------------------------------------------------------
     def _start_downloads(self) -> None:
@@ -482,7 +627,7 @@ class JobEngine:
         free = self.download_workers - len(self._downloading)
         if free <= 0:
             return
-        rows = self.rows.claim_downloads(free, exclude=[*self._downloading, *waiting], backends=list(self.backends))
+        rows = self.store.claim_downloads(free, exclude=[*self._downloading, *waiting], backends=list(self.backends))
         for index, row in rows.iterrows():
             backend = self.backends[row["backend_name"]]
             download = self._downloads.setdefault(index, _Download())
@@ -495,50 +640,47 @@ class JobEngine:
                 finally:
                     self._download_ended.set()
 
+            self._download_rows[index] = row
             self._downloading[index] = run_in_thread(fetch, f"prefect-openeo-download-{row['id']}")
 
-    def _download_done(self, rows: pd.DataFrame, index: Any, future: concurrent.futures.Future) -> bool:
-        """Fold a download's outcome into its row; whether the row changed (not during a retry's backoff)."""
+    def _download_done(self, row: pd.Series, index: Any, future: concurrent.futures.Future) -> Patch | None:
+        """A download's outcome as a patch of its row (None during a retry's backoff)."""
         download = self._downloads[index]
-        job_id = rows.at[index, "id"]
         error = future.exception()
-        state, message = download_outcome(job_id, error, download.attempts)
+        state, message = transitions.download_state(row[ID], error, download.attempts)
         if state == "done":
-            if index in self._problems:
-                set_cell(rows, index, MESSAGE_COLUMN, None)
-            self._problems.pop(index, None)
             self._details.pop(index, None)
+            report = future.result()
+            if hasattr(report, "assets"):  # the default download's DownloadReport (counted here, in one thread)
+                self.stats["job download"] += 1
+                self.stats["files downloaded"] += report.assets
         elif state == "gone":
             _log.warning(f"Row {index}: {message}")
-            self._problems[index] = message
             self.stats["results gone"] += 1
         else:
-            _log.error(f"on_job_done failed for job {job_id} (attempt {download.attempts}): {error!r}")
+            _log.error(f"on_job_done failed for job {row[ID]} (attempt {download.attempts}): {error!r}")
             self.stats["on_job_done error"] += 1
-            self._problems[index] = message
-            if download.attempts < DOWNLOAD_ATTEMPTS:
+            if download.attempts < settings.download_attempts:
+                self._problems[index] = message
                 # Back off: after the n-th failed attempt, wait 2**n - 1 sweeps (1, 3, ...) before the next.
                 download.not_before = self.stats["run_jobs loop"] + 2**download.attempts - 1
-                return False
+                return None
         del self._downloads[index]
-        set_cell(rows, index, RESULTS_COLUMN, state)
-        if message:
-            set_cell(rows, index, MESSAGE_COLUMN, message)
-        return True
+        return transitions.download_ended(row, index, state, message)
 
     # -- after a crash or restart -----------------------------------------------------------------
     def _check_backends(self) -> None:
-        """Every backend is checked before anything starts (in parallel, for up to ``CHECK_WAIT`` seconds): one
+        """Every backend is checked before anything starts (in parallel, for up to ``settings.check_wait`` seconds): one
         that is not a usable openEO API stops the run here; one that cannot be reached now (or not yet known)
         waits, and its lane keeps trying, while the others work."""
         checks = {
             name: run_in_thread(backend.check, f"prefect-openeo-check-{name}")
             for name, backend in self.backends.items()
         }
-        concurrent.futures.wait(checks.values(), timeout=CHECK_WAIT)
+        concurrent.futures.wait(checks.values(), timeout=settings.check_wait)
         for name, future in checks.items():
             if not future.done():
-                self._note_availability(name, f"Backend {name!r}: still connecting after {CHECK_WAIT:g} s")
+                self._note_availability(name, f"Backend {name!r}: still connecting after {settings.check_wait:g} s")
                 continue
             try:
                 future.result()
@@ -547,110 +689,49 @@ class JobEngine:
 
     def _reconcile_unplanned(self) -> None:
         """Unresolved creations without a planned backend (recorded by older versions): search every backend's
-        listing for their token; adopt the job where found, else clear the token."""
-        pending = self.rows.claim_unresolved(list(self.backends))
+        listing for their token, as a lane does for its own (``lanes.reconcile``)."""
+        pending = self.store.claim_unresolved(list(self.backends))
         if pending.empty:
             return
-        pending = pending[pending.get(PLANNED_COLUMN, pd.Series(index=pending.index, dtype=object)).map(blank)].copy()
+        pending = pending[pending.get(PLANNED, pd.Series(index=pending.index, dtype=object)).map(blank)].copy()
         if pending.empty:
             return
-        tokens = dict(zip(pending[TOKEN_COLUMN], pending.index, strict=True))
-        found: dict[str, tuple[str, dict]] = {}
-        for name, backend in self.backends.items():
-            if name in self._down:
-                return  # cannot be sure the job is not there: decide when every backend can be searched
-            try:
-                for token, entry in backend.find_created(set(tokens) - set(found)).items():
-                    found[token] = (name, entry)
-            except Exception as e:
-                _log.warning(f"Could not look for jobs of an interrupted run on backend {name!r}: {e!r}")
-                return
-        for token, index in tokens.items():
-            if token in found:
-                name, entry = found[token]
-                _log.info(f"Row {index}: adopting job {entry['id']} on {name}, created before the last run stopped")
-                set_cell(pending, index, "backend_name", name)
-                set_cell(pending, index, "id", entry["id"])
-                set_cell(pending, index, "start_time", entry.get("created") or rfc3339.now_utc())
-                pending.at[index, "status"] = "created"
-                self.stats["job adopted"] += 1
-            else:
-                set_cell(pending, index, TOKEN_COLUMN, None)
-        self._persist(pending, set(pending.index))
+        if self._down:
+            return  # cannot be sure the job is not there: decide when every backend can be searched
+        outcome = reconcile(pending, list(pending.index), list(self.backends.values()))
+        if outcome is None:
+            return
+        for key, value in outcome.stats.items():
+            self.stats[key] += value
+        self._write(outcome.patches, pending)
 
     def _schedule_retries(self) -> None:
-        """Optionally give ``error``/``start_failed`` rows another go, after a backoff, up to a maximum.
-
-        A ``start_failed`` row keeps its creation token: its job may exist after all (a response lost after
-        the backend created it), so the listing is searched for it before the row is created again.
-        """
+        """Optionally give ``error``/``start_failed`` rows another go, after a backoff, up to a maximum
+        (``transitions.retry_scheduled``)."""
         limit = self.settings.retry_failed_jobs
         if not limit:
             return
-        changed = set()
         rows = self.job_db.get_by_status(statuses=["error", "start_failed"]).copy()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        patches = []
         for index, row in rows.iterrows():
-            count = 0 if blank(row.get(RETRY_COUNT_COLUMN)) else int(row[RETRY_COUNT_COLUMN])
-            if count >= limit:
-                continue
-            delay = self.settings.retry_backoff * (2**count)
-            after = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=delay)
-            job = "" if blank(row["id"]) else f" (job {row['id']})"
-            set_cell(rows, index, RETRY_COUNT_COLUMN, count + 1)
-            set_cell(rows, index, RETRY_AFTER_COLUMN, rfc3339.datetime(after))
-            reason = "" if blank(row.get(MESSAGE_COLUMN)) else f": {row[MESSAGE_COLUMN]}"
-            set_cell(
-                rows,
-                index,
-                MESSAGE_COLUMN,
-                f"attempt {count + 1} ended {row['status']}{job}{reason}; retry {count + 1}/{limit} after {delay:g} s",
-            )
-            cleared = ["id", "start_time", "running_start_time", RESULTS_COLUMN]
-            if row["status"] == "error" or blank(row.get(PLANNED_COLUMN)):
-                cleared += [TOKEN_COLUMN, PLANNED_COLUMN]
-            for column in cleared:
-                if column in rows.columns:
-                    set_cell(rows, index, column, None)
-            rows.at[index, "status"] = "not_started"
-            self.stats["job retry scheduled"] += 1
-            changed.add(index)
-        self._persist(rows, changed)
-
-    # -- persistence ------------------------------------------------------------------------------
-    def _persist(self, rows: pd.DataFrame, changed: set) -> None:
-        """Write the changed rows (only those) to the job database, once."""
-        if not changed:
-            return
-        self.job_db.persist(rows.loc[[i for i in rows.index if i in changed]])
-        self.stats["job_db persist"] += 1
+            patch = transitions.retry_scheduled(row, index, limit, self.settings.retry_backoff, now)
+            if patch is not None:
+                transitions.apply_to(rows, patch)
+                patches.append(patch)
+                self.stats["job retry scheduled"] += 1
+        self._write(patches, rows)
 
     def _check_backend_names(self) -> None:
         """Rows that name a backend that is not registered get a clear error before anything starts."""
-        if hasattr(self.job_db, "unknown_backends"):
-            rows = self.job_db.unknown_backends(WORK_STATUSES, list(self.backends))
-        else:
-            rows = self.job_db.get_by_status(statuses=WORK_STATUSES)
-        if rows.empty or "backend_name" not in rows.columns:
-            return
-        names = rows["backend_name"]
-        unknown = rows[~names.map(blank) & ~names.isin(list(self.backends))]
+        unknown = self.store.unknown_backends(WORK_STATUSES, list(self.backends))
         if not unknown.empty:
             first = unknown.index[0]
             raise ValueError(
                 f"Job database row {first} (status {unknown.at[first, 'status']!r}) names backend "
-                f"{unknown.at[first, 'backend_name']!r}, which is not registered "
+                f"{unknown.at[first, BACKEND]!r}, which is not registered "
                 f"(registered: {', '.join(self.backends)}); {len(unknown)} row(s) in all"
             )
-
-
-def download_outcome(job_id: str, error: BaseException | None, attempts: int = 1) -> tuple[str, str | None]:
-    """The ``results`` state a download leaves (``done``, ``gone``: the backend no longer has the job or its
-    results, ``failed``) and the row's message for it."""
-    if error is None:
-        return "done", None
-    if isinstance(error, OpenEoApiError) and error.http_status_code in (404, 410):
-        return "gone", f"results of job {job_id} are gone from the backend ({error.http_status_code}): {error.message}"
-    return "failed", f"on_job_done failed after {attempts} attempt(s): {error!r}"
 
 
 def cancel_after(seconds: float | None) -> datetime.timedelta | None:

@@ -50,8 +50,7 @@ def coordinator_tag(name: str) -> str:
 def check_shareable(job_db: Any, root_dir: Any, download_results: bool, workers: int) -> None:
     """Raise ``FanOutError`` unless every worker, wherever it runs, can reach the same job database and results:
     a server database (not SQLite) and, when results are downloaded, object storage."""
-    from prefect_openeo.jobdb import get_job_db
-    from prefect_openeo.jobdb.sql import SqlJobDatabase
+    from prefect_openeo.jobdb import get_job_db, open_store
     from prefect_openeo.storage import ResultStore
 
     why = f"workers={workers} starts flow runs that may run on other machines"
@@ -60,15 +59,15 @@ def check_shareable(job_db: Any, root_dir: Any, download_results: bool, workers:
             f"{why}: give job_db as a database URL they can all reach (e.g. postgresql+psycopg://user@host/db), "
             f"not {type(job_db).__name__}"
         )
-    db = get_job_db(job_db)
-    if not isinstance(db, SqlJobDatabase):
+    store = open_store(get_job_db(job_db))
+    if not store.shared:
         where = "a file in object storage" if "://" in job_db else "a file on this machine's disk"
         raise FanOutError(
             f"{why}, and they cannot share the job database {job_db!r}: it is {where}, which one run at a time "
             "works on. Use a PostgreSQL job database (postgresql+psycopg://user@host/db, the password in "
             "PGPASSWORD where the flow runs): import this one with SqlJobDatabase.from_file(path, url)."
         )
-    if db.engine.dialect.name == "sqlite":
+    if not store.across_machines:
         raise FanOutError(
             f"{why}, and they cannot share the job database {job_db!r}: an SQLite file is on one machine's disk. "
             "Use a PostgreSQL job database (postgresql+psycopg://user@host/db)."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pandas as pd
@@ -26,3 +27,14 @@ def set_cell(df: pd.DataFrame, index: Any, column: str, value: Any) -> None:
 def column(df: pd.DataFrame, name: str) -> pd.Series:
     """A column, or an all-empty one when the frame lacks it."""
     return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
+def stack(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
+    """Rows of both frames (their columns may differ, or be all empty in one of them)."""
+    if second.empty:
+        return first
+    if first.empty:
+        return second.copy()
+    with warnings.catch_warnings():  # pandas' notice about all-NA columns in concat: the result is what we want
+        warnings.simplefilter("ignore", FutureWarning)
+        return pd.concat([first, second])

@@ -5,7 +5,8 @@ Each sweep the engine hands every idle backend a ``BackendWork``: the rows to re
 stopped run may or may not have finished), its active rows and the rows planned for it, with everything
 the work needs in a ``LaneConfig``. The work reconciles, sweeps statuses (learning why failed jobs failed),
 cancels overdue jobs, starts created ones and creates the planned ones, then returns a ``LaneResult``: the
-rows it changed and what happened. Lanes never write the job database; the engine's loop does.
+patches it made (``prefect_openeo.transitions``) and what happened. Lanes never write the job database; the
+engine applies their patches.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import datetime
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,23 +26,19 @@ import pandas as pd
 import requests
 from openeo import BatchJob, Connection
 from openeo.rest import OpenEoApiError
-from openeo.util import deep_get, rfc3339
+from openeo.util import rfc3339
 
+from prefect_openeo import transitions
 from prefect_openeo.backends import Backend, BackendUnavailable, JobReport
-from prefect_openeo.frames import blank, set_cell
+from prefect_openeo.frames import blank, stack
 from prefect_openeo.placement import SlotGate
 from prefect_openeo.reasons import failure_reason
-from prefect_openeo.states import ACTIVE, TERMINAL, Event, observe
+from prefect_openeo.schema import BACKEND, ID, RUNNING_START_TIME, START_TIME, STATUS, TOKEN
+from prefect_openeo.states import ACTIVE, TERMINAL, Event
 from prefect_openeo.steps import Steps
+from prefect_openeo.transitions import Patch
 
 _log = logging.getLogger("prefect_openeo")
-
-#: Columns the manager owns; usage fields reported by a backend never overwrite them.
-BOOKKEEPING_COLUMNS = ("id", "backend_name", "status", "start_time", "running_start_time", "costs")
-MESSAGE_COLUMN = "message"
-TOKEN_COLUMN = "create_token"
-PLANNED_COLUMN = "planned_backend"
-RESULTS_COLUMN = "results"
 
 
 def _epoch(value: Any) -> float | None:
@@ -55,24 +51,6 @@ def _epoch(value: Any) -> float | None:
         return None
 
 
-def format_usage(details: dict, field_name: str) -> str:
-    """``"1234.5 cpu-seconds"``, as upstream writes usage columns."""
-    value = deep_get(details, "usage", field_name, "value", default=0)
-    unit = deep_get(details, "usage", field_name, "unit", default="")
-    return f"{value} {unit}".strip()
-
-
-def stack(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
-    """Rows of both frames (their columns may differ, or be all empty in one of them)."""
-    if second.empty:
-        return first
-    if first.empty:
-        return second.copy()
-    with warnings.catch_warnings():  # pandas' notice about all-NA columns in concat: the result is what we want
-        warnings.simplefilter("ignore", FutureWarning)
-        return pd.concat([first, second])
-
-
 class Lane:
     """Runs one piece of work at a time, in a daemon thread with the caller's context (so Prefect tasks
     called there belong to the current flow run)."""
@@ -80,10 +58,16 @@ class Lane:
     def __init__(self, name: str):
         self.name = name
         self.future: concurrent.futures.Future | None = None
-        #: Rows whose creation the current work may be doing (kept claimed if the run stops meanwhile).
-        self.creating: list = []
+        self.work: Any = None
+        #: When the current work began (monotonic).
+        self.since = 0.0
         #: Whether the current work only checks that the backend is reachable (it has no rows).
         self.checking = False
+
+    @property
+    def creating(self) -> list:
+        """Rows whose creation the current work may be doing (kept claimed if the run stops meanwhile)."""
+        return list(getattr(self.work, "creating", []))
 
     def busy(self) -> bool:
         """Working, or done with a result the engine has not applied yet (new work would lose it)."""
@@ -95,7 +79,8 @@ class Lane:
         """Run ``fn`` (through ``runner(fn)`` when given, e.g. as a Prefect task) in the lane's thread."""
         if self.busy():
             raise RuntimeError(f"Lane {self.name!r} is busy")
-        self.creating = list(getattr(fn, "creating", []))
+        self.work = fn
+        self.since = time.monotonic()
         self.checking = bool(getattr(fn, "only_checks", False))
         target = fn if runner is None else (lambda: runner(fn))
         self.future = run_in_thread(target, f"prefect-openeo-{self.name}")
@@ -135,29 +120,96 @@ class LaneConfig:
     on_cancel: Callable[[BatchJob, pd.Series], None]
     #: Slots shared beyond this run, taken here (in the backend's thread) just before creating jobs.
     gate: SlotGate = field(default_factory=SlotGate)
+    #: Track, then fill: ``refill(backend, patches, rows)`` applies the patches made so far (the engine's
+    #: one writer) and returns the rows planned for the backend's slots that are free now, so a slot freed by
+    #: what a sweep learnt gets its next job in that same sweep. None: only the rows planned before.
+    refill: Callable[[str, list, pd.DataFrame], pd.DataFrame] | None = None
+    #: Whether a row's creations lost their answers often enough in this run: not found on reconciling, it is
+    #: ``start_failed`` instead of created again.
+    creation_given_up: Callable[[Any], bool] = lambda index: False
+    #: Counts a start that failed for now and says whether the row's starts failed often enough in this run
+    #: (``settings.start_attempts``): then it is ``start_failed`` instead of started again next sweep.
+    start_given_up: Callable[[Any], bool] = lambda index: True
+    #: The least time between two status sweeps of a backend (the user's ``poll_sleep``).
+    min_gap: float = 0.0
+    #: Epoch seconds on the clock that times sweeps (``RunClock.now`` of the engine).
+    clock: Callable[[], float] = time.time
 
 
 @dataclass
 class LaneResult:
-    """What a backend's work changed, for the engine's loop to persist and report."""
+    """What a backend's work of one sweep did, for the engine to apply and report."""
 
     backend: str
+    #: The rows the work was given, as it left them (every patch applied): the rows this run holds.
     rows: pd.DataFrame
-    changed: set = field(default_factory=set)
-    events: list[tuple[Event, Any]] = field(default_factory=list)
-    notes: list[tuple[Any, str]] = field(default_factory=list)
+    #: The changes it made to rows, in order; the first ``applied`` of them are in the job store already.
+    patches: list[Patch] = field(default_factory=list)
+    applied: int = 0
     stats: collections.Counter = field(default_factory=collections.Counter)
-    problems: dict[Any, str] = field(default_factory=dict)
     #: ``GET /jobs/{id}`` documents of jobs that ended (handed to the downloads: saves a request each).
     details: dict[Any, dict] = field(default_factory=dict)
-    #: Rows (planned or unresolved) whose creation this work dealt with, one way or another.
-    creations: set = field(default_factory=set)
-    #: Why the backend could not be used this time (it is down): the work did nothing.
+    #: Why the backend could not be used this time (it is down, or did not answer the sweep).
     unavailable: str | None = None
     #: Planned rows that got no slot of the shared limit (``gate``): not created, to be given back.
     refused: list = field(default_factory=list)
     #: Outcomes of ``start_job`` calls, in order: (row, None) for a job created, (row, outcome) for a failure.
     start_job_calls: list[tuple[Any, Any]] = field(default_factory=list)
+    #: When (epoch seconds) a sweep of the backend's active jobs may next learn something (None: no jobs,
+    #: or sweeps are not adaptive): the engine wakes then rather than on a fixed grid.
+    next_look: float | None = None
+
+
+@dataclass
+class Reconciled:
+    """What searching the backends for recorded creations found."""
+
+    patches: list[Patch] = field(default_factory=list)
+    adopted: list = field(default_factory=list)
+    stats: collections.Counter = field(default_factory=collections.Counter)
+
+
+def reconcile(
+    rows: pd.DataFrame, indices: list, backends: list[Backend], given_up: Callable[[Any], bool] = lambda i: False
+) -> Reconciled | None:
+    """Rows whose creation token was recorded but whose job id was not: a job with the row's token in one of
+    ``backends``' listings is adopted, and where no listing has it the token is cleared so the row can be
+    created (or, where ``given_up(row)``, it is ``start_failed``). Where a backend has no job listing, whether
+    its job exists cannot be known: the row is ``start_failed`` (never created a second time). None while a
+    listing cannot be read: nothing is decided, the rows keep their slot."""
+    outcome = Reconciled()
+    tokens = {rows.at[i, TOKEN]: i for i in indices}
+    blind = [b.name for b in backends if not b.advertises_listing()]
+    if blind:
+        for index in indices:
+            outcome.patches.append(transitions.creation_unknowable(rows.loc[index], index, ", ".join(blind)))
+        return outcome
+    found: dict[str, tuple[str, dict]] = {}
+    for backend in backends:
+        try:
+            entries = backend.find_created(set(tokens) - set(found))
+        except Exception as e:
+            _log.warning(f"Could not search backend {backend.name!r} for interrupted creations: {e!r}")
+            return None
+        outcome.stats["job listing"] += 1
+        found.update({token: (backend.name, entry) for token, entry in entries.items()})
+    for token, index in tokens.items():
+        if token not in found:
+            row = rows.loc[index]
+            if given_up(index):
+                why = f"the backend lost the answer of every creation of this row ({row.get('message')})"
+                outcome.patches.append(transitions.create_failed(row, index, backends[0].name, why))
+            else:
+                outcome.patches.append(transitions.unplanned(row, index))
+            outcome.stats["creation not found"] += 1
+            continue
+        name, entry = found[token]
+        _log.info(f"Row {index}: adopting job {entry['id']} on {name}, created by an interrupted run")
+        created = entry.get("created") or rfc3339.now_utc()
+        outcome.patches.append(transitions.adopted(rows.loc[index], index, name, entry["id"], created))
+        outcome.stats["job adopted"] += 1
+        outcome.adopted.append(index)
+    return outcome
 
 
 class BackendWork:
@@ -197,7 +249,7 @@ class BackendWork:
             return True
         rows = self.rows
         ids = [i for i in self.active_indices if rows.at[i, "status"] in ACTIVE and not blank(rows.at[i, "id"])]
-        return bool(ids) and (not self.config.adaptive_sweeps or self._due(ids, time.time()))
+        return bool(ids) and (not self.config.adaptive_sweeps or self._due(ids, self.config.clock()))
 
     def __call__(self) -> LaneResult:
         try:
@@ -208,11 +260,16 @@ class BackendWork:
             return self.result
         adopted = self._reconcile(self.unresolved_indices)
         self._track(self.active_indices + adopted)
+        self._refill()
         if self.new_indices:
             granted = self.config.gate.acquire(self.backend.name, self.new_indices)
             self.result.refused = [i for i in self.new_indices if i not in set(granted)]
             if granted:
                 self._track(self._create(granted))
+        if self.config.adaptive_sweeps:
+            rows = self.rows
+            active = [i for i in rows.index if rows.at[i, STATUS] in ACTIVE and not blank(rows.at[i, ID])]
+            self.result.next_look = self.backend.next_look(self._jobs(active), self.config.min_gap)
         return self.result
 
     # -- bookkeeping helpers ----------------------------------------------------------------------
@@ -220,61 +277,42 @@ class BackendWork:
     def rows(self) -> pd.DataFrame:
         return self.result.rows
 
-    def _status(self, index: Any, status: str) -> None:
-        self.rows.at[index, "status"] = status
-        self.result.changed.add(index)
-        self.result.notes.append((index, status))
+    def _patch(self, patch: Patch) -> Patch:
+        """Record a change of a row (applied to the rows this work holds, and handed to the engine)."""
+        transitions.apply_to(self.rows, patch)
+        self.result.patches.append(patch)
+        for key in patch.refused_usage:
+            _log.warning(f"Skipping usage field {key!r} of job {self.rows.at[patch.index, ID]}: a bookkeeping column")
+        return patch
 
-    def _fail(self, index: Any, status: str, message: str) -> None:
-        set_cell(self.rows, index, MESSAGE_COLUMN, message)
-        self.result.problems[index] = message
-        self._status(index, status)
+    def _refill(self) -> None:
+        """Where this sweep ended jobs (or gave up creations), their slots get new rows now (``refill``)."""
+        freed = any(p.status in TERMINAL or (TOKEN in p.cells and p.cells[TOKEN] is None) for p in self.result.patches)
+        if self.config.refill is None or not freed or self.result.unavailable:
+            return
+        more = self.config.refill(self.backend.name, self.result.patches, self.rows)
+        self.result.applied = len(self.result.patches)
+        if more.empty:
+            return
+        # A row this work holds may be planned again (its creation was not found): the store's row is newer.
+        held = self.rows.index.intersection(more.index)
+        self.result.rows = stack(self.rows.drop(index=held), more)
+        self.new_indices += [i for i in more.index if i not in self.new_indices]
+        self.result.stats["slot refilled"] += len(more)
 
     # -- reconciling ------------------------------------------------------------------------------
     def _reconcile(self, indices: list) -> list:
-        """Rows whose creation was recorded but whose job id was not: adopt the job if the backend's listing
-        has one with the row's token, otherwise clear the token so the row can be created. Returns the
-        adopted rows. Nothing is decided while the listing cannot be read: the rows keep their slot."""
+        """Rows whose creation was recorded but whose job id was not (``reconcile``); returns the adopted rows."""
         if not indices:
             return []
-        rows, stats = self.rows, self.result.stats
-        tokens = {rows.at[i, TOKEN_COLUMN]: i for i in indices}
-        if not self.backend.advertises_listing():
-            for index in indices:  # no way to know whether the job exists: never create it a second time
-                self.result.creations.add(index)
-                self._fail(
-                    index,
-                    "start_failed",
-                    f"a creation on backend {self.backend.name} was interrupted and the backend has no job "
-                    f"listing to check whether the job exists (token {rows.at[index, TOKEN_COLUMN]}): check "
-                    "its jobs, then reset the row with `prefect-openeo retry`",
-                )
+        outcome = reconcile(self.rows, indices, [self.backend], self.config.creation_given_up)
+        if outcome is None:
+            self.result.stats["reconcile error"] += 1
             return []
-        try:
-            found = self.backend.find_created(tokens)
-        except Exception as e:
-            stats["reconcile error"] += 1
-            _log.warning(f"Could not search backend {self.backend.name!r} for interrupted creations: {e!r}")
-            return []
-        stats["job listing"] += 1
-        adopted = []
-        for token, index in tokens.items():
-            self.result.creations.add(index)
-            self.result.changed.add(index)
-            entry = found.get(token)
-            if entry is None:
-                set_cell(rows, index, TOKEN_COLUMN, None)
-                set_cell(rows, index, PLANNED_COLUMN, None)
-                stats["creation not found"] += 1
-                continue
-            _log.info(f"Row {index}: adopting job {entry['id']} on {self.backend.name}, created by an interrupted run")
-            set_cell(rows, index, "backend_name", self.backend.name)
-            set_cell(rows, index, "id", entry["id"])
-            set_cell(rows, index, "start_time", entry.get("created") or rfc3339.now_utc())
-            self._status(index, "created")
-            stats["job adopted"] += 1
-            adopted.append(index)
-        return adopted
+        self.result.stats.update(outcome.stats)
+        for patch in outcome.patches:
+            self._patch(patch)
+        return outcome.adopted
 
     # -- tracking ---------------------------------------------------------------------------------
     def _track(self, indices: list) -> None:
@@ -283,21 +321,21 @@ class BackendWork:
             return
         rows = self.rows
         for index in indices:
-            if blank(rows.at[index, "id"]) and rows.at[index, "status"] in ACTIVE:
-                self._fail(index, "start_failed", f"row is {rows.at[index, 'status']!r} but has no job id")
-        ids = {rows.at[i, "id"]: i for i in indices if rows.at[i, "status"] in ACTIVE and not blank(rows.at[i, "id"])}
+            if blank(rows.at[index, ID]) and rows.at[index, STATUS] in ACTIVE:
+                self._patch(transitions.untrackable(rows.loc[index], index, "job id"))
+        ids = {rows.at[i, ID]: i for i in indices if rows.at[i, STATUS] in ACTIVE and not blank(rows.at[i, ID])}
         if not ids:
             return
-        now = time.time()
+        now = self.config.clock()
         if self.config.adaptive_sweeps and not self._due(list(ids.values()), now):
             self.result.stats["sweep skipped"] += 1
             return
         self.backend.note_sweep(now)
         try:
             sweep = self.config.steps.sweep_statuses(self.backend, list(ids))
-        except requests.exceptions.ConnectionError as e:
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
             self.result.stats["job tracking error"] += 1
-            _log.warning(f"Could not reach backend {self.backend.name!r} to track jobs: {e!r}")
+            self.result.unavailable = f"Backend {self.backend.name!r}: cannot be reached to track jobs: {e!r}"
             return
         stats = self.result.stats
         stats["track_statuses"] += 1
@@ -316,60 +354,61 @@ class BackendWork:
     def _due(self, indices: list, now: float) -> bool:
         """Whether a sweep may learn something: a job to start, or one that may have ended by now."""
         rows = self.rows
-        if any(rows.at[i, "status"] in ("created", "queued_for_start") for i in indices):
+        if any(rows.at[i, STATUS] in ("created", "queued_for_start") for i in indices):
             return True
-        jobs = [(rows.at[i, "id"], _epoch(rows.at[i, "start_time"]), rows.at[i, "status"]) for i in indices]
-        return self.backend.sweep_due(jobs, now)
+        return self.backend.sweep_due(self._jobs(indices), now, self.config.min_gap)
+
+    def _jobs(self, indices: list) -> list[tuple[str, float | None, str]]:
+        """(job id, creation time, status) of rows, as the backend's sweep timing wants them."""
+        rows = self.rows
+        return [(rows.at[i, ID], _epoch(rows.at[i, START_TIME]), rows.at[i, STATUS]) for i in indices]
 
     def _apply_report(self, index: Any, report: JobReport) -> None:
         rows, stats = self.rows, self.result.stats
-        previous = rows.at[index, "status"]
-        transition = observe(previous, report.status, start_requested=previous == "queued_for_start")
-        _log.info(
-            f"Status of job {rows.at[index, 'id']!r} (on backend {self.backend.name}) is "
-            f"{report.status!r} (previously {previous!r})"
+        row = rows.loc[index]
+        previous = row[STATUS]
+        reason = failure_reason(report.error_logs, logs_error=report.logs_error) if report.status == "error" else None
+        patch = transitions.observed(
+            row,
+            index,
+            report.status,
+            now=rfc3339.now_utc(),
+            details=report.details,
+            error_reason=reason,
+            results_owed=self.config.results_owed,
         )
-        for event in transition.events:
+        _log.info(
+            f"Status of job {row[ID]!r} (on backend {self.backend.name}) is {report.status!r} (previously {previous!r})"
+        )
+        if patch.problem and not patch.cells:  # a status openEO does not define: looked at again next sweep
+            stats["unknown status"] += 1
+            if self.backend.first_time(f"status {report.status}"):
+                _log.warning(
+                    f"Backend {self.backend.name!r}: {patch.problem} (job {row[ID]}); its rows keep their "
+                    "status and are looked at again each sweep"
+                )
+            self.result.patches.append(patch)
+            return
+        if previous == "running" and patch.cells.get(RUNNING_START_TIME) and Event.STARTED_RUNNING not in patch.events:
+            _log.warning(f"Unknown 'running_start_time' for running job {row[ID]}: using now.")
+        self._patch(patch)
+        for event in patch.events:
             stats[event.value] += 1
-            self.result.events.append((event, index))
             if event is Event.STARTED_RUNNING:
-                set_cell(rows, index, "running_start_time", rfc3339.now_utc())
-                if (created := _epoch(rows.at[index, "start_time"])) is not None:
-                    self.backend.note_running(time.time() - created)
-        if transition.status == "running" and blank(rows.at[index, "running_start_time"]):
-            _log.warning(f"Unknown 'running_start_time' for running job {rows.at[index, 'id']}: using now.")
-            set_cell(rows, index, "running_start_time", rfc3339.now_utc())
-            self.result.changed.add(index)
+                self.backend.note_running(row[ID], self.config.clock())
         if report.details is not None:
-            for key in report.details.get("usage") or {}:
-                if key in BOOKKEEPING_COLUMNS:
-                    _log.warning(f"Skipping usage field {key!r}: collides with a job db column")
-                    continue
-                set_cell(rows, index, key, format_usage(report.details, key))
-            if report.details.get("costs") is not None:
-                set_cell(rows, index, "costs", report.details["costs"])
             self.result.details[index] = report.details
-            if transition.events:
-                self.result.changed.add(index)
-        if transition.status == previous:
-            return
-        if transition.status in TERMINAL and (created := _epoch(rows.at[index, "start_time"])) is not None:
-            self.backend.note_end(time.time() - created)
-        if transition.status == "finished" and self.config.results_owed:
-            set_cell(rows, index, RESULTS_COLUMN, "pending")  # recorded with the status, in the same write
-        if transition.status == "error":
-            reason = failure_reason(report.error_logs, logs_error=report.logs_error)
-            self._fail(index, "error", reason)
+        if patch.status in TERMINAL:
+            self.backend.note_end(row[ID], self.config.clock(), report.details)
+        if patch.status == "error":
             self._call_hook("error", index, report.error_logs or [])
-            return
-        self._status(index, transition.status)
-        if transition.status == "canceled":
+        elif patch.status == "canceled":
             self._call_hook("cancel", index)
 
     def _call_hook(self, kind: str, index: Any, logs: list[dict] | None = None) -> None:
         """``on_job_error`` / ``on_job_cancel`` for a row that just ended so (before its status is written:
         a crash before then calls it again on rerun)."""
-        job = self.backend.connection().job(self.rows.at[index, "id"])
+        job = self.backend.connection().job(self.rows.at[index, ID])
         row = self.rows.loc[index]
         try:
             if kind == "error":
@@ -382,14 +421,15 @@ class BackendWork:
 
     def _tracking_error(self, index: Any, error: Exception) -> None:
         self.result.stats["job tracking error"] += 1
-        job_id = self.rows.at[index, "id"]
+        job_id = self.rows.at[index, ID]
         if isinstance(error, OpenEoApiError) and error.http_status_code in (404, 410):
             _log.warning(f"Job {job_id!r} vanished from backend {self.backend.name!r}: {error}")
-            self._fail(
-                index, "error", f"job {job_id} not found on backend {self.backend.name} ({error.http_status_code})"
-            )
+            row = self.rows.loc[index]
+            self._patch(transitions.vanished(row, index, self.backend.name, error.http_status_code))
         else:
             _log.warning(f"Error while tracking status of job {job_id!r} on backend {self.backend.name}: {error!r}")
+            why = f"the backend's answer about job {job_id} could not be used ({error!r:.200}); looked at again"
+            self._patch(transitions.unreadable(self.rows.loc[index], index, why))
 
     def _cancel_overdue(self, indices: list) -> None:
         limit = self.config.cancel_after
@@ -398,24 +438,23 @@ class BackendWork:
         now = rfc3339.parse_datetime(rfc3339.now_utc(), with_timezone=True)
         for index in indices:
             row = self.rows.loc[index]
-            if row["status"] != "running":
+            if row[STATUS] != "running":
                 continue
             try:
-                since = rfc3339.parse_datetime(row["running_start_time"], with_timezone=True)
+                since = rfc3339.parse_datetime(row[RUNNING_START_TIME], with_timezone=True)
             except Exception as e:
-                _log.error(f"Row {index}: unusable running_start_time {row['running_start_time']!r}: {e}")
+                _log.error(f"Row {index}: unusable running_start_time {row[RUNNING_START_TIME]!r}: {e}")
                 continue
             elapsed = now - since
             if elapsed > limit:
-                _log.info(f"Cancelling long-running job {row['id']} (after {elapsed}, running since {since})")
+                _log.info(f"Cancelling long-running job {row[ID]} (after {elapsed}, running since {since})")
                 try:
-                    self.config.steps.cancel_job(self.backend, row["id"])
+                    self.config.steps.cancel_job(self.backend, row[ID])
                     self.result.stats["job cancel"] += 1
-                    set_cell(self.rows, index, MESSAGE_COLUMN, f"canceled after running longer than {limit}")
-                    self.result.changed.add(index)
+                    self._patch(transitions.cancel_sent(row, index, f"canceled after running longer than {limit}"))
                 except Exception as e:
                     self.result.stats["job cancel error"] += 1
-                    _log.error(f"Failed to cancel job {row['id']!r}: {e!r}")
+                    _log.error(f"Failed to cancel job {row[ID]!r}: {e!r}")
 
     def _start_created(self, indices: list, reported: dict[Any, str]) -> None:
         """Start created jobs, and ``queued_for_start`` ones the backend still reports ``created`` (a start
@@ -424,63 +463,68 @@ class BackendWork:
         to_start = [
             i
             for i in indices
-            if rows.at[i, "status"] == "created"
-            or (rows.at[i, "status"] == "queued_for_start" and reported.get(i) == "created")
+            if rows.at[i, STATUS] == "created"
+            or (rows.at[i, STATUS] == "queued_for_start" and reported.get(i) == "created")
         ]
         limit = self.backend.limit()
         if limit is not None and to_start:  # the backend refused more: start only as jobs there end
-            started = int(rows["status"].isin(["queued", "running"]).sum())
+            started = int(rows[STATUS].isin(["queued", "running"]).sum())
             to_start = to_start[: max(0, limit - started)]
         if not to_start:
             return
         for index in to_start:
-            rows.at[index, "status"] = "queued_for_start"
+            self._patch(transitions.start_requested(rows.loc[index], index))
             stats["job_queued_for_start"] += 1
-            self.result.changed.add(index)
-        by_id = {rows.at[i, "id"]: i for i in to_start}
+        by_id = {rows.at[i, ID]: i for i in to_start}
         refused = 0
         for outcome in self.config.steps.start_jobs(self.backend, list(by_id)):
             index = by_id[outcome.job_id]
+            row = rows.loc[index]
             if outcome.started:
                 stats["job start"] += 1
-                self._status(index, "queued")
+                self._patch(transitions.started(row, index))
             elif outcome.retry_later:
                 stats["job start retry"] += 1
-                rows.at[index, "status"] = "created"
+                self._patch(transitions.start_deferred(row, index))
                 refused += 1
+            elif outcome.transient and not self.config.start_given_up(index):
+                stats["job start deferred"] += 1
+                self._patch(transitions.start_deferred(row, index, f"{outcome.error}; started again next sweep"))
             else:
                 stats["start_job error"] += 1
-                self._fail(index, "start_failed", outcome.error or "start failed")
+                self._patch(transitions.start_failed(row, index, outcome.error or "start failed"))
         if refused:
-            self.backend.refuse_more(int(rows["status"].isin(["queued", "running"]).sum()))
+            self.backend.refuse_more(int(rows[STATUS].isin(["queued", "running"]).sum()))
 
     # -- creating ---------------------------------------------------------------------------------
     def _create(self, indices: list) -> list:
         """Call the user's ``start_job`` for the planned rows; returns the rows that got a job."""
-        rows, stats = self.rows, self.result.stats
-        for index in indices:
-            set_cell(rows, index, "backend_name", self.backend.name)
+        rows, stats, name = self.rows, self.result.stats, self.backend.name
         stats["start_job call"] += len(indices)
+        given = rows.loc[indices].copy()
+        given[BACKEND] = name  # as upstream: start_job sees the backend it creates on
         outcomes = self.config.steps.create_jobs(
-            self.config.start_job, rows.loc[indices], self.backend, self.config.connection_provider
+            self.config.start_job, given, self.backend, self.config.connection_provider
         )
         created = []
         for outcome in outcomes:
             index = outcome.index
-            self.result.changed.add(index)
-            self.result.creations.add(index)
+            row = rows.loc[index]
             stats["job launch"] += 1
-            if outcome.start_time:
-                set_cell(rows, index, "start_time", outcome.start_time)
             self.result.start_job_calls.append((index, outcome if outcome.error else None))
-            if outcome.error:
+            if outcome.error and (outcome.uncertain or outcome.signed_out):
+                # The job may exist (created before a later request was refused, or its answer lost): the
+                # row keeps its token and is looked for before it is created again (by this run or the next).
+                stats["creation uncertain"] += 1
+                self._patch(transitions.creation_uncertain(row, index, outcome.error))
+            elif outcome.error:
                 stats["start_job error"] += 1
-                self._fail(index, "start_failed", outcome.error)
+                self._patch(transitions.create_failed(row, index, name, outcome.error, outcome.start_time))
             elif outcome.skipped:
                 stats["start_job skipped"] += 1
-                self._status(index, "skipped")
+                self._patch(transitions.skipped(row, index, name, outcome.start_time))
             else:
-                set_cell(rows, index, "id", outcome.job_id)
-                self._status(index, "created")
+                self._patch(transitions.created(row, index, name, outcome.job_id, outcome.start_time))
+                self.backend.note_created(outcome.job_id, self.config.clock())  # the backend has it by now
                 created.append(index)
         return created

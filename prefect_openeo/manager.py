@@ -22,20 +22,14 @@ from typing import Any
 import pandas as pd
 from openeo import BatchJob, Connection
 from openeo.extra.job_management import JobDatabaseInterface
-from openeo.extra.job_management._manager import MultiBackendJobManager as _UpstreamManager
 
 from prefect_openeo import catalog
 from prefect_openeo.backends import Backend
 from prefect_openeo.downloads import DownloadReport
 from prefect_openeo.engine import JobEngine, Observer, RunSettings, SlotGate, cancel_after
-from prefect_openeo.jobdb.files import (
-    AtomicCsvJobDatabase,
-    AtomicParquetJobDatabase,
-    JobDatabaseError,
-    check_job_frame,
-    normalize_job_frame,
-    resolve_job_db,
-)
+from prefect_openeo.jobdb import AtomicCsvJobDatabase, AtomicParquetJobDatabase, JobDatabaseError, resolve_job_db
+from prefect_openeo.jobdb.checks import check_job_frame, normalize_job_frame
+from prefect_openeo.schema import COLUMN_REQUIREMENTS
 from prefect_openeo.steps import Steps, save_error_logs
 from prefect_openeo.storage import ResultStore
 
@@ -57,6 +51,18 @@ def in_flow_run() -> bool:
     return FlowRunContext.get() is not None
 
 
+def _cancel_watch() -> Any:
+    """Inside a flow run, a started ``CancelWatch`` of it (the engine stops once it is asked to cancel)."""
+    if not in_flow_run():
+        return None
+    from prefect.context import FlowRunContext
+
+    from prefect_openeo.cancel_watch import CancelWatch
+
+    flow_run = FlowRunContext.get().flow_run
+    return CancelWatch(flow_run.id).start() if flow_run is not None else None
+
+
 class MultiBackendJobManager:
     """Tracker for many openEO batch jobs on one or more backends; a drop-in for openeo's class.
 
@@ -71,13 +77,16 @@ class MultiBackendJobManager:
     :param give_up_after: (prefect-openeo) stop waiting for a backend that stays unreachable this long (seconds):
         the run ends once the others have nothing left, raising ``BackendsGaveOut`` if rows remain for it. By
         default a backend that is down is waited for (the others go on meanwhile).
+    :param stac_catalog: (prefect-openeo) keep a STAC catalogue of the downloaded results beside them
+        (``prefect_openeo.catalog``): an item per job (``job_{id}/stac-item.json``) and ``collection.json``. Off
+        by default, so ``root_dir`` holds exactly openeo's layout; ``run_openeo_jobs`` and the CLI turn it on.
     :param storage_options: (prefect-openeo) for a URL ``root_dir``: options of its fsspec filesystem (e.g.
         ``{"key": ..., "secret": ..., "endpoint_url": ...}`` for s3fs), or a prefect-aws ``AwsCredentials`` block.
         Without them, credentials come from the environment.
     """
 
-    #: Upstream's column requirements (``normalize_df``, dtypes when reading CSV).
-    _column_requirements = _UpstreamManager._column_requirements
+    #: openeo's column requirements (``normalize_df``, dtypes when reading CSV), as openeo's class has them.
+    _column_requirements = COLUMN_REQUIREMENTS
 
     def __init__(
         self,
@@ -90,12 +99,14 @@ class MultiBackendJobManager:
         retry_backoff: float = 60.0,
         storage_options: dict | Any | None = None,
         give_up_after: float | None = None,
+        stac_catalog: bool = False,
     ):
         if not isinstance(retry_failed_jobs, int) or retry_failed_jobs < 0:
             raise ValueError(f"retry_failed_jobs must be a non-negative int, got {retry_failed_jobs!r}")
         self._retry_failed_jobs = retry_failed_jobs
         self._retry_backoff = float(retry_backoff)
         self._give_up_after = give_up_after
+        self.stac_catalog = stac_catalog
         self.backends: dict[str, Backend] = {}
         self.poll_sleep = poll_sleep
         #: Where results live (``prefect_openeo.storage``): a local folder or object storage.
@@ -108,7 +119,9 @@ class MultiBackendJobManager:
         self._stop_thread = False
         #: Stats of the last (or current) run, also while ``start_job_thread`` runs.
         self.stats: dict = collections.defaultdict(int)
-        self._stats_lock = threading.Lock()
+        #: Inside a flow run: why the last ``run_jobs`` stopped before its work was done, when the flow run
+        #: (or one it is a subflow of) was asked to cancel (``prefect_openeo.cancel_watch``); else None.
+        self.cancel_requested: str | None = None
 
     # -- backends ---------------------------------------------------------------------------------
     def add_backend(self, name: str, connection: Connection | Callable[[], Connection], parallel_jobs: int = 2) -> None:
@@ -142,7 +155,13 @@ class MultiBackendJobManager:
             raise TypeError(f"start_job must be callable (a function or a ProcessBasedJobCreator), got {start_job!r}")
         job_db = self._prepare(df, job_db, kwargs)
         self.stats = collections.defaultdict(int)
-        stats = self._engine(job_db, start_job).run()
+        watch = _cancel_watch()
+        try:
+            stats = self._engine(job_db, start_job, should_stop=watch).run()
+        finally:
+            if watch is not None:
+                watch.stop()
+        self.cancel_requested = watch.reason if watch is not None else None
         self._update_catalog(job_db)
         return stats
 
@@ -198,7 +217,9 @@ class MultiBackendJobManager:
             if self.global_concurrency:
                 from prefect_openeo.limits import GlobalConcurrencyGate
 
-                gate = GlobalConcurrencyGate({name: b.parallel_jobs for name, b in self.backends.items()})
+                gate = GlobalConcurrencyGate(
+                    {name: b.parallel_jobs for name, b in self.backends.items()}, poll_sleep=self.poll_sleep
+                )
         self._active_steps = steps
         return JobEngine(
             settings=self._settings(),
@@ -229,6 +250,13 @@ class MultiBackendJobManager:
 
         self._thread = threading.Thread(target=run_loop, name="prefect-openeo-job-manager", daemon=True)
         self._thread.start()
+
+    def join_job_thread(self, timeout_seconds: float | None = None) -> bool:
+        """(prefect-openeo) Wait up to ``timeout_seconds`` for the background thread to end; whether it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_seconds)
+        return not self._thread.is_alive()
 
     def stop_job_thread(self, timeout_seconds: float | None = _UNSET) -> None:  # type: ignore[assignment]
         """Stop the background thread (waits up to ``2 * poll_sleep`` by default); the job db is saved."""
@@ -263,12 +291,13 @@ class MultiBackendJobManager:
     def _overrides(self, name: str) -> bool:
         return getattr(type(self), name) is not getattr(MultiBackendJobManager, name)
 
-    def _job_done(self, job: BatchJob, row: pd.Series, details: dict | None) -> None:
-        """A finished job's ``on_job_done``; the default downloads with the job document already fetched."""
+    def _job_done(self, job: BatchJob, row: pd.Series, details: dict | None) -> DownloadReport | None:
+        """A finished job's ``on_job_done``; the default downloads with the job document already fetched (and
+        returns what it downloaded: the engine counts it)."""
         if self._overrides("on_job_done"):
             self.on_job_done(job, row)
-        else:
-            self._download(job, row, details)
+            return None
+        return self._download(job, row, details)
 
     def _job_error(self, job: BatchJob, row: pd.Series, logs: list[dict]) -> None:
         """A failed job's ``on_job_error``; the default saves the error logs the sweep already fetched."""
@@ -293,9 +322,6 @@ class MultiBackendJobManager:
         # Object storage: hand over the store (its credentials) rather than the folder's URL.
         remote = not self.result_store.is_local and not self._overrides("get_job_dir")
         report = steps.download_results(job, self.result_store if remote else self.get_job_dir(job.job_id), details)
-        with self._stats_lock:
-            self.stats["job download"] += 1
-            self.stats["files downloaded"] += report.assets
         if self.stac_catalog and not self._overrides("get_job_dir"):
             try:  # the results are safe: a missing item is written by the run's end or `prefect-openeo catalog`
                 catalog.write_item(self.result_store, job.job_id, row)
@@ -330,13 +356,15 @@ class MultiBackendJobManager:
         :param per_second: downloads started per second, at most (``workers`` at once).
         :return: rows per outcome (``done``, ``failed``, ``gone``, ``skipped`` for unregistered backends).
         """
-        from prefect_openeo.engine import download_outcome
-        from prefect_openeo.frames import column, set_cell
+        from prefect_openeo import transitions
+        from prefect_openeo.frames import column
+        from prefect_openeo.jobdb import open_store
 
         if per_second <= 0 or workers < 1:
             raise ValueError(f"per_second must be > 0 and workers >= 1, got {per_second!r} and {workers!r}")
         self._check_result_store()
         job_db = resolve_job_db(job_db)
+        store = open_store(job_db)
         rows = job_db.get_by_status(statuses=["finished"]).copy()
         if missing:
             rows = rows[column(rows, "results") != "done"]
@@ -348,11 +376,9 @@ class MultiBackendJobManager:
             self._job_done(self.backends[row["backend_name"]].connection().job(row["id"]), row, None)
 
         def record(index: Any, future: concurrent.futures.Future) -> None:
-            state, message = download_outcome(rows.at[index, "id"], future.exception())
+            state, message = transitions.download_state(rows.at[index, "id"], future.exception())
             outcomes[state] += 1
-            set_cell(rows, index, "results", state)
-            set_cell(rows, index, "message", message)
-            job_db.persist(rows.loc[[index]])
+            store.apply([transitions.download_ended(rows.loc[index], index, state, message)], rows)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             running: dict[concurrent.futures.Future, Any] = {}
@@ -387,9 +413,6 @@ class MultiBackendJobManager:
     #: Inside a flow run: hold each backend's slots in the Prefect global concurrency limit
     #: ``openeo-<backend>`` too, so several flow runs together stay within it (see ``prefect_openeo.limits``).
     global_concurrency: bool = False
-    #: Keep a STAC catalogue of the downloaded results beside them (``prefect_openeo.catalog``): an item per job
-    #: (``job_{id}/stac-item.json``) and ``collection.json``. False: exactly openeo's layout.
-    stac_catalog: bool = True
 
     # -- paths ------------------------------------------------------------------------------------
     def get_job_dir(self, job_id: str) -> Path | str:

@@ -1,7 +1,8 @@
 """What a run came to, in one line, and the flow run's final state that says it.
 
 A run whose rows failed is still a run that did its work: its flow run ends ``Completed`` with a message
-("7 of 10 rows ended in error"), the stats as its result. With a threshold (``fail_when_failed_rows``, a
+("7 of 10 rows ended in error"; finished jobs whose results were not downloaded are counted too: "all 12
+rows finished, 9 results not downloaded"), the stats as its result. With a threshold (``fail_when_failed_rows``, a
 count or a fraction of the rows), too many failed rows make it ``Failed`` with that message, so that
 automations and retries can react; its result is then a ``TooManyFailedRows`` carrying the stats.
 """
@@ -9,11 +10,13 @@ automations and retries can react; its result is then a ``TooManyFailedRows`` ca
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 #: Row statuses that count as failed: the row ended without results.
 FAILED_STATUSES = ("error", "start_failed", "canceled")
+#: Download states of a finished row whose results are not (yet) where the user asked for them.
+NOT_DOWNLOADED = ("pending", "failed", "gone")
 
 
 class TooManyFailedRows(RuntimeError):
@@ -26,9 +29,10 @@ class TooManyFailedRows(RuntimeError):
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """Rows by status at the end of a run."""
+    """Rows by status at the end of a run, and finished rows by the state of their result download."""
 
     histogram: Mapping[str, int]
+    results: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -39,9 +43,18 @@ class RunOutcome:
         return sum(self.histogram.get(status, 0) for status in FAILED_STATUSES)
 
     @property
+    def not_downloaded(self) -> int:
+        return sum(self.results.get(state, 0) for state in NOT_DOWNLOADED)
+
+    @property
     def message(self) -> str:
         """E.g. ``"7 of 10 rows ended in error"``, ``"3 of 10 rows failed (2 error, 1 canceled)"``, or
-        ``"all 10 rows finished"``."""
+        ``"all 10 rows finished"``; then, if any, ``", 9 results not downloaded"``."""
+        missing = self.not_downloaded
+        return self._rows_message + (f", {missing} results not downloaded" if missing else "")
+
+    @property
+    def _rows_message(self) -> str:
         total, failed = self.total, self.failed
         if not failed:
             ended = {s: n for s, n in self.histogram.items() if n}
@@ -80,12 +93,18 @@ def check_threshold(threshold: Any) -> None:
         raise ValueError(f"fail_when_failed_rows as a fraction must be in (0, 1], got {threshold!r}")
 
 
-def final_state(histogram: Mapping[str, int], stats: Mapping[str, Any], threshold: int | float | None = None):
+def final_state(
+    histogram: Mapping[str, int],
+    stats: Mapping[str, Any],
+    threshold: int | float | None = None,
+    results: Mapping[str, int] | None = None,
+):
     """The flow run's final state: ``Completed`` with the run's outcome as its message and the stats as its
-    result, or ``Failed`` (the result a ``TooManyFailedRows``) when the failed rows reach ``threshold``."""
+    result, or ``Failed`` (the result a ``TooManyFailedRows``) when the failed rows reach ``threshold``.
+    ``results``: finished rows by download state (``JobStore.count_results``)."""
     from prefect.states import Completed, Failed
 
-    outcome = RunOutcome(dict(histogram))
+    outcome = RunOutcome(dict(histogram), dict(results or {}))
     if outcome.too_many(threshold):
         message = f"{outcome.message}, reaching fail_when_failed_rows={threshold!r}"
         return Failed(message=message, data=TooManyFailedRows(message, stats))

@@ -20,16 +20,23 @@ from openeo import BatchJob
 from openeo.rest import OpenEoApiError
 from openeo.util import rfc3339
 
-from prefect_openeo.backends import Backend, SweepResult, creation_token, sweep_statuses
+from prefect_openeo.backends import (
+    AUTH_CODES,
+    Backend,
+    SweepResult,
+    creation_token,
+    is_transient,
+    sweep_statuses,
+    uncertain,
+)
 from prefect_openeo.downloads import DownloadReport, download_job_results
-from prefect_openeo.jobdb.files import atomic_write
+from prefect_openeo.paths import atomic_write
+from prefect_openeo.schema import TOKEN
 
 _log = logging.getLogger("prefect_openeo")
 
 T = TypeVar("T")
 
-#: Column holding a row's creation token (see ``prefect_openeo.engine``).
-TOKEN_COLUMN = "create_token"
 
 __all__ = [
     "Steps",
@@ -55,6 +62,10 @@ class CreateOutcome:
     skipped: bool = False
     error: str | None = None
     start_time: str | None = None
+    #: The job may have been created all the same (its answer was lost): looked for before creating again.
+    uncertain: bool = False
+    #: The backend refused the access token: nothing was created, the row waits for a signed-in run.
+    signed_out: bool = False
     #: When ``start_job`` raised: the formatted traceback, and what identifies "the same failure".
     traceback: str | None = None
     signature: str | None = None
@@ -67,6 +78,8 @@ class StartOutcome:
     #: The backend refused for now (``ConcurrentJobLimit``): try again in a later sweep.
     retry_later: bool = False
     error: str | None = None
+    #: The backend failed the start for now (5xx, unreachable, its retries spent): tried again next sweep.
+    transient: bool = False
 
 
 def create_jobs(
@@ -80,7 +93,7 @@ def create_jobs(
     connection = backend.connection()
     for index, row in rows.iterrows():
         outcome = CreateOutcome(index=index)
-        token = row.get(TOKEN_COLUMN)
+        token = row.get(TOKEN)
         try:
             _log.info(f"Starting job on backend {backend.name} for row {index}")
             with creation_token(token if isinstance(token, str) else None):
@@ -89,6 +102,8 @@ def create_jobs(
                 )
         except Exception as e:  # the user's callback: record, go on with the next row (the engine logs it)
             outcome.error = f"start_job raised {e!r}"
+            outcome.uncertain = uncertain(e)
+            outcome.signed_out = isinstance(e, OpenEoApiError) and e.code in AUTH_CODES
             outcome.traceback = traceback.format_exc()
             outcome.signature = failure_signature(e)
         else:
@@ -127,10 +142,10 @@ def start_jobs(backend: Backend, job_ids: list[str]) -> list[StartOutcome]:
                 outcomes.append(StartOutcome(job_id, started=False, retry_later=True, error=str(e)))
             else:
                 _log.error(f"Failed to start job {job_id!r}: {e!r}")
-                outcomes.append(StartOutcome(job_id, started=False, error=f"start failed: {e}"))
-        except Exception as e:  # transport errors after the connection's retries: as upstream, start_failed
+                outcomes.append(StartOutcome(job_id, False, error=f"start failed: {e}", transient=is_transient(e)))
+        except Exception as e:  # transport errors after the request's retries: tried again next sweep
             _log.error(f"Failed to start job {job_id!r}: {e!r}")
-            outcomes.append(StartOutcome(job_id, started=False, error=f"start failed: {e!r}"))
+            outcomes.append(StartOutcome(job_id, False, error=f"start failed: {e!r}", transient=is_transient(e)))
     return outcomes
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import tempfile
 import uuid
@@ -37,29 +36,25 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from prefect_openeo.jobdb.files import atomic_write
+from prefect_openeo.paths import S3_SCHEMES, SCHEMES, atomic_write, lost_slashes
+from prefect_openeo.settings import settings
 
-__all__ = ["AssetUpload", "LocalStore", "ObjectStore", "ResultStore", "S3Store", "StorageError", "aws_storage_options"]
+__all__ = [
+    "AssetUpload",
+    "LocalStore",
+    "ObjectStore",
+    "ResultStore",
+    "S3Store",
+    "StorageError",
+    "aws_storage_options",
+    "storage_options_for",
+    "storage_problem",
+]
 
 #: Name of a job's folder under the root.
 JOB_FOLDER = "job_{job_id}"
-#: Bytes per multipart-upload part on S3 (5 MiB at least, at most 10,000 parts: grown for larger assets).
-PART_SIZE = 16 << 20
 _MAX_PARTS = 10_000
 _CHUNK = 1 << 20
-
-#: URL schemes of object stores, with the fsspec package that implements them and the extra that installs it.
-SCHEMES: dict[str, tuple[str, str]] = {
-    "s3": ("s3fs", "pip install 'prefect-openeo[s3]'"),
-    "s3a": ("s3fs", "pip install 'prefect-openeo[s3]'"),
-    "gs": ("gcsfs", "pip install gcsfs"),
-    "gcs": ("gcsfs", "pip install gcsfs"),
-    "az": ("adlfs", "pip install adlfs"),
-    "abfs": ("adlfs", "pip install adlfs"),
-    "abfss": ("adlfs", "pip install adlfs"),
-    "memory": ("fsspec", "pip install fsspec"),
-}
-_S3 = ("s3", "s3a")
 
 
 class StorageError(ValueError):
@@ -173,7 +168,8 @@ class _S3Upload(AssetUpload):
 
     def __init__(self, fs: Any, bucket: str, key: str, size_hint: int | None = None):
         self.fs, self.bucket, self.key = fs, bucket, key
-        self.part_size = max(PART_SIZE, -(-(size_hint or 0) // _MAX_PARTS))
+        # settings.part_size per part (5 MiB at least), at most 10,000 parts: grown for larger assets.
+        self.part_size = max(settings.part_size, -(-(size_hint or 0) // _MAX_PARTS))
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict] = []
@@ -508,16 +504,12 @@ class S3Store(ObjectStore):
 
 
 # -- resolving a root ------------------------------------------------------------------------------
-#: A URL whose ``//`` was collapsed by ``pathlib.Path`` (``Path("s3://b/p")`` is ``s3:/b/p``).
-_MANGLED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/[^/]")
-
-
 def _from_root(root: Any, storage_options: Any, job_folder: str) -> ResultStore:
     if isinstance(root, ResultStore):
         if storage_options is not None:
             raise StorageError(f"storage_options are for a URL root, not for the ResultStore {root!r}")
         return root
-    options = dict(_options(storage_options))
+    options = dict(storage_options_for(storage_options))
     if _is_block(root, "S3Bucket"):
         folder = (root.bucket_folder or "").strip("/")
         options = {**aws_storage_options(root.credentials), **options}
@@ -526,11 +518,11 @@ def _from_root(root: Any, storage_options: Any, job_folder: str) -> ResultStore:
         raise TypeError(f"root_dir must be a path, a URL or a ResultStore, got {type(root).__name__}: {root!r}")
     text = str(root)
     if "://" not in text:
-        mangled = _MANGLED_URL.match(text)
-        if mangled and mangled.group(1).lower() in (*SCHEMES, "file"):
+        meant = lost_slashes(text)
+        if meant:
             raise StorageError(
                 f"Results location {text!r} looks like a URL whose '//' was lost (pathlib.Path collapses it): "
-                f"pass it as a string, e.g. {mangled.group(1)}://{text[len(mangled.group(1)) + 2 :]}"
+                f"pass it as a string, e.g. {meant}"
             )
         if options:
             raise StorageError(f"storage_options {sorted(options)} given for the local folder {text!r}: pass a URL")
@@ -562,10 +554,12 @@ def _from_root(root: Any, storage_options: Any, job_folder: str) -> ResultStore:
         fs = fs_class(**options)
     except Exception as e:
         raise StorageError(f"Results location {text!r}: storage_options {sorted(options)} were refused: {e}") from e
-    return (S3Store if scheme in _S3 else ObjectStore)(text, fs, job_folder)
+    return (S3Store if scheme in S3_SCHEMES else ObjectStore)(text, fs, job_folder)
 
 
-def _options(storage_options: Any) -> Mapping[str, Any]:
+def storage_options_for(storage_options: Any) -> Mapping[str, Any]:
+    """fsspec options from ``storage_options`` as users give them: None, a mapping of fsspec options (as is),
+    or a prefect-aws ``AwsCredentials``/``MinIOCredentials`` block (``aws_storage_options``)."""
     if storage_options is None:
         return {}
     if isinstance(storage_options, Mapping):

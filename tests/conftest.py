@@ -184,6 +184,17 @@ def ndvi_job(row: pd.Series, connection: openeo.Connection, **kwargs) -> openeo.
     return cube.ndvi(nir="B08", red="B04").create_job(title=f"tile {row.name}", out_format="GTiff")
 
 
+def manager_for(*sims, parallel_jobs: int = 2, **kwargs):
+    """The drop-in manager with each simulator registered by its name (``poll_sleep`` 0.1 s unless given)."""
+    from prefect_openeo import MultiBackendJobManager
+
+    kwargs.setdefault("poll_sleep", 0.1)
+    manager = MultiBackendJobManager(**kwargs)
+    for sim in sims:
+        manager.add_backend(sim.name, connection=openeo.connect(sim.url), parallel_jobs=parallel_jobs)
+    return manager
+
+
 def tiles_df(n: int) -> pd.DataFrame:
     return pd.DataFrame({"west": [5.0 + 0.1 * i for i in range(n)], "year": [2020 + i % 4 for i in range(n)]})
 

@@ -121,6 +121,7 @@ def read_catalog(href: str, stac_io: pystac.StacIO | None = None) -> tuple[pysta
 
 def manager_for(sim, **kwargs) -> MultiBackendJobManager:
     kwargs.setdefault("poll_sleep", 0.1)
+    kwargs.setdefault("stac_catalog", True)
     manager = MultiBackendJobManager(**kwargs)
     manager.add_backend(sim.name, connection=openeo.connect(sim.url), parallel_jobs=3)
     return manager
@@ -187,9 +188,9 @@ def test_a_run_writes_a_valid_collection_beside_local_results(openeo_simulator, 
     assert all(str(moved) in a.get_absolute_href() for i in moved_items for a in i.assets.values())
 
 
-def test_stac_catalog_false_keeps_exactly_openeos_layout(openeo_simulator, tmp_path):
-    manager = manager_for(openeo_simulator, root_dir=tmp_path / "results")
-    manager.stac_catalog = False
+def test_the_drop_in_keeps_exactly_openeos_layout_by_default(openeo_simulator, tmp_path):
+    manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path / "results")  # the drop-in's default
+    manager.add_backend(openeo_simulator.name, connection=openeo.connect(openeo_simulator.url), parallel_jobs=3)
     manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(2), start_job=ndvi_job)
     job_ids = pd.read_csv(tmp_path / "jobs.csv")["id"]
     files = {p.relative_to(tmp_path / "results").as_posix() for p in (tmp_path / "results").rglob("*")}

@@ -92,6 +92,17 @@ def run_local(db, sim, tmp_path, *extra):
     )
 
 
+def test_run_exits_3_when_results_were_not_downloaded(area, tmp_path, openeo_simulator):
+    db = tmp_path / "jobs.geoparquet"
+    assert invoke("init", area, db, "--tile-size", "5000", "-c", "year=2024").exit_code == 0
+    openeo_simulator.config.assets_per_job = 0  # results documents without assets: nothing to download
+    result = run_local(db, openeo_simulator, tmp_path)
+    df = gpd.read_parquet(db)
+    assert set(df["status"]) == {"finished"} and set(df["results"]) == {"failed"}
+    assert result.exit_code == 3, result.output
+    assert f"{len(df)} finished row(s) whose results were not downloaded" in result.output
+
+
 def test_run_status_retry_plot(area, tmp_path, openeo_simulator):
     db = tmp_path / "jobs.geoparquet"
     assert invoke("init", area, db, "--tile-size", "1000", "-c", "year=2024").exit_code == 0
@@ -113,8 +124,13 @@ def test_run_status_retry_plot(area, tmp_path, openeo_simulator):
     assert info["by_backend"]["sim"]["finished"] == n - failed
     assert info["costs"] == pytest.approx(float(df["costs"].sum()))
     assert info["usage"]["cpu"] > 0 and info["usage_units"]["cpu"] == "cpu-seconds"
+    assert info["results"] == {"done": n - failed}
     human = invoke("status", db)
     assert human.exit_code == 0 and "Costs:" in human.output
+    assert f"Results of finished rows: {n - failed} done" in human.output
+    memory = sum(float(str(v).split()[0]) for v in df["memory"].dropna())
+    assert memory >= 1000 and f"memory {memory:,.0f} mb-seconds" in " ".join(human.output.split())
+    assert "e+0" not in human.output
 
     png_map, png_timeline = tmp_path / "map.png", tmp_path / "timeline.png"
     plotted = invoke("plot", db, "--map", png_map, "--timeline", png_timeline)

@@ -228,6 +228,23 @@ def test_a_backend_down_at_the_start_does_not_hold_up_the_others(tmp_path, opene
     assert took < 30, f"the run waited {took:.0f} s for the backend that is down"
 
 
+def test_a_run_with_no_backend_reachable_ends_at_once_and_says_so(tmp_path):
+    """Every backend unreachable at the start: nothing could be done, so the command says so and exits 2 (the
+    probe's wait at most), leaving the job database as it was; --wait-for-backends asks to wait instead."""
+    db = tmp_path / "jobs.parquet"
+    create_job_db(db, demo_tiles(2))
+    before = db.read_bytes()
+    down = f"http://127.0.0.1:{free_port()}/"
+    started = time.monotonic()
+    result = invoke("run", db, "-b", f"down={down}", "--start-job", START_JOB, "--local")
+    took = time.monotonic() - started
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "No backend can be reached, nothing was started" in text and "backend 'down' at" in text
+    assert "--wait-for-backends" in text and "other backends" not in text
+    assert took < 45 and db.read_bytes() == before
+
+
 def test_a_run_that_stops_with_rows_unfinished_says_so(tmp_path, openeo_simulator, monkeypatch):
     from prefect_openeo.engine import JobEngine
 

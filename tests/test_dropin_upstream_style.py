@@ -100,13 +100,10 @@ def expected_result_files(job_ids) -> set[Path]:
     }
 
 
-#: prefect-openeo also keeps a STAC catalogue beside the results (``stac_catalog``); the rest is openeo's layout.
-CATALOGUE_FILES = {"collection.json", "stac-item.json"}
-
-
 def files_under(root: Path) -> set[Path]:
-    """All files (at any depth) under the given root, relative to it (but the STAC catalogue's)."""
-    return {p.relative_to(root) for p in root.glob("**/*") if p.is_file() and p.name not in CATALOGUE_FILES}
+    """All files (at any depth) under the given root, relative to it: exactly openeo's layout, nothing more
+    (the drop-in keeps a STAC catalogue only with ``stac_catalog=True``)."""
+    return {p.relative_to(root) for p in root.glob("**/*") if p.is_file()}
 
 
 def read_job_db_file(path: Path) -> pd.DataFrame:

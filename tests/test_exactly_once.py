@@ -519,7 +519,7 @@ def test_resume_requests_do_not_depend_on_rows_that_ended_earlier(openeo_simulat
 
 def test_one_run_at_a_time_on_a_local_file_job_database(openeo_simulator, tmp_path):
     """Two runs on one CSV file would create jobs for the same rows: the second is refused, saying who holds it."""
-    from prefect_openeo.jobdb.local import JobDatabaseBusy
+    from prefect_openeo.jobdb.errors import JobDatabaseBusy
 
     openeo_simulator.config.run_duration = 2.0
     db_path = tmp_path / "jobs.csv"

@@ -56,6 +56,12 @@ def grid_estimate(bounds, tile_size: float, crs: str = "EPSG:3857") -> tuple[int
     return math.ceil((east - west) / tile_size), math.ceil((north - south) / tile_size)
 
 
+def merged(output: str) -> int:
+    """How many slivers init says it merged into their neighbours."""
+    found = re.search(r"(\d+) sliver\(s\) at the edges merged", " ".join(output.split()))
+    return int(found.group(1)) if found else 0
+
+
 # --- the bound on the number of tiles ---
 
 
@@ -82,14 +88,16 @@ def test_max_tiles_moves_the_bound_both_ways_and_the_suggested_size_fits(area, t
     assert too_low.exit_code == 2 and f"more than --max-tiles {estimate - 1:,}" in too_low.output
     raised = invoke("init", area, tmp_path / "raised.parquet", "--tile-size", 35, "--max-tiles", estimate)
     assert raised.exit_code == 0, raised.output
-    assert len(gpd.read_parquet(tmp_path / "raised.parquet")) == estimate  # a box: every grid tile is kept
+    # A box: every grid tile is kept, slivers at its edges merged into their neighbours.
+    assert len(gpd.read_parquet(tmp_path / "raised.parquet")) + merged(raised.output) == estimate
 
     lowered = invoke("init", area, tmp_path / "lowered.parquet", "--tile-size", 100, "--max-tiles", 1000)
     assert lowered.exit_code == 2, lowered.output
     size, count = re.search(r"e\.g\. (\S+) makes up to ([\d,]+) tiles", lowered.output).groups()
     followed = invoke("init", area, tmp_path / "followed.parquet", "--tile-size", size, "--max-tiles", 1000)
     assert followed.exit_code == 0, followed.output
-    assert len(gpd.read_parquet(tmp_path / "followed.parquet")) == int(count.replace(",", "")) <= 1000
+    made = len(gpd.read_parquet(tmp_path / "followed.parquet"))
+    assert made + merged(followed.output) == int(count.replace(",", "")) <= 1000
     assert not any((tmp_path / f"{name}.parquet").exists() for name in ("refused", "low", "lowered"))
 
     bad = invoke("init", area, tmp_path / "bad.parquet", "--tile-size", 1000, "--max-tiles", 0)
@@ -107,7 +115,7 @@ def test_an_area_of_several_polygons_counts_a_grid_per_polygon(tmp_path):
     hopeless = invoke("init", aoi, tmp_path / "a.parquet", "--tile-size", 1000, "--max-tiles", 2)
     assert hopeless.exit_code == 2 and hopeless.output.rstrip().endswith("more than --max-tiles 2: raise --max-tiles")
     made = invoke("init", aoi, tmp_path / "a.parquet", "--tile-size", 1000, "--max-tiles", estimate)
-    assert made.exit_code == 0 and len(gpd.read_parquet(tmp_path / "a.parquet")) == estimate
+    assert made.exit_code == 0 and len(gpd.read_parquet(tmp_path / "a.parquet")) + merged(made.output) == estimate
 
 
 # --- tile size against the CRS's unit ---
@@ -437,3 +445,37 @@ def test_start_job_errors_say_what_is_wrong(user_code, openeo_simulator, spec, m
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert openeo_simulator.created_count() == 0
+
+
+# --- slivers ---
+
+
+def test_slivers_at_the_edges_are_merged_into_their_neighbours(tmp_path):
+    """A grid that ends 0.2 tiles past the last full column and row: no 0.2-tile job; the tiles still cover
+    the area exactly, none overlap, none is narrower than half a tile, and init says what it merged."""
+    to_grid = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
+    to_lonlat = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True)
+    west, south = to_grid.transform(5.10, 51.20)
+    east, north = west + 3.2 * 1000, south + 2.2 * 1000  # 4 x 3 tiles in the plain grid, 5 of them slivers
+    area = write_area(
+        tmp_path / "aoi.geojson", bounds=(*to_lonlat.transform(west, south), *to_lonlat.transform(east, north))
+    )
+    db = tmp_path / "jobs.parquet"
+    result = invoke("init", area, db, "--tile-size", 1000)
+    assert result.exit_code == 0, result.output
+    assert "6 rows" in result.output and "6 sliver(s) at the edges merged into their neighbours" in " ".join(
+        result.output.split()
+    )
+    df = gpd.read_parquet(db)
+    in_grid = df.to_crs("EPSG:3857").geometry
+    widths, heights = in_grid.bounds.maxx - in_grid.bounds.minx, in_grid.bounds.maxy - in_grid.bounds.miny
+    assert widths.min() >= 500 and heights.min() >= 500 and widths.max() <= 1500 and heights.max() <= 1500
+    assert in_grid.union_all().area == pytest.approx(3200 * 2200, rel=1e-6)
+    assert in_grid.area.sum() == pytest.approx(3200 * 2200, rel=1e-6)  # no overlap
+
+
+def test_a_missing_relative_area_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("init", "areas/aoi.geojson", tmp_path / "jobs.parquet", "--tile-size", 1000)
+    assert result.exit_code == 2
+    assert f"looked for in {tmp_path}" in " ".join(result.output.split())

@@ -23,14 +23,14 @@ from openeo.extra.job_management import get_job_db as openeo_get_job_db
 from openeo.extra.job_management._manager import MultiBackendJobManager as OpeneoManager
 
 from prefect_openeo import MultiBackendJobManager
-from prefect_openeo.jobdb.files import (
+from prefect_openeo.jobdb import (
     AtomicCsvJobDatabase,
     AtomicParquetJobDatabase,
     JobDatabaseError,
-    check_job_frame,
     create_job_db,
     get_job_db,
 )
+from prefect_openeo.jobdb.checks import check_job_frame
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -411,3 +411,13 @@ def test_the_manager_adds_missing_bookkeeping_columns_to_a_hand_written_database
     out = pd.read_csv(path)
     assert list(out["status"]) == ["skipped", "finished"]
     assert {"id", "backend_name", "start_time", "running_start_time", "costs"} <= set(out.columns)
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_repr_names_openeos_class_and_the_path(cls, tmp_path):
+    """Logs and code that print a job database read the same with ours ("Resuming `run_jobs` from existing
+    CsvJobDatabase('jobs.csv')")."""
+    suffix = ".csv" if cls in CSV_CLASSES else ".parquet"
+    db = cls(tmp_path / f"db{suffix}")
+    expected = f"{'CsvJobDatabase' if cls in CSV_CLASSES else 'ParquetJobDatabase'}({str(db.path)!r})"
+    assert repr(db) == str(db) == expected

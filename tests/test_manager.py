@@ -12,19 +12,11 @@ import time
 import openeo
 import pandas as pd
 import pytest
-from conftest import max_overlap, ndvi_job, static_server, tiles_df
+from conftest import manager_for, max_overlap, ndvi_job, static_server, tiles_df
 
 from prefect_openeo import CsvJobDatabase, JobDatabaseError, MultiBackendJobManager, ParquetJobDatabase, create_job_db
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def manager_for(*sims, parallel_jobs=2, **kwargs) -> MultiBackendJobManager:
-    kwargs.setdefault("poll_sleep", 0.1)
-    manager = MultiBackendJobManager(**kwargs)
-    for sim in sims:
-        manager.add_backend(sim.name, connection=openeo.connect(sim.url), parallel_jobs=parallel_jobs)
-    return manager
 
 
 def test_runs_all_rows_to_finished_with_results_and_stats(openeo_simulator, tmp_path):
@@ -50,19 +42,20 @@ def test_runs_all_rows_to_finished_with_results_and_stats(openeo_simulator, tmp_
         assert stats[key] == 5, key
     assert stats["run_jobs loop"] > 0 and stats["sleep"] > 0 and stats["job_db persist"] > 0
     assert stats["job download"] == 5 and stats["files downloaded"] == 5
-    # Layout as upstream: job_{id}/ holds job-results.json, job_{id}.json and the assets, nothing else
-    # but the STAC item (prefect_openeo.catalog).
+    # Exactly openeo's layout: job_{id}/ holds job-results.json, job_{id}.json and the assets, nothing else
+    # (the STAC catalogue is the flow's and the CLI's, or stac_catalog=True); nothing else under root_dir.
     for job_id in df["id"]:
         job_dir = root / f"job_{job_id}"
         results_doc = json.loads((job_dir / "job-results.json").read_text())
         (asset_name, asset), *_ = results_doc["assets"].items()
         assert sorted(p.name for p in job_dir.iterdir()) == sorted(
-            ["job-results.json", f"job_{job_id}.json", asset_name, "stac-item.json"]
+            ["job-results.json", f"job_{job_id}.json", asset_name]
         )
         data = (job_dir / asset_name).read_bytes()
         assert len(data) == asset["file:size"]
         assert "1220" + hashlib.sha256(data).hexdigest() == asset["file:checksum"]
         assert json.loads((job_dir / f"job_{job_id}.json").read_text())["status"] == "finished"
+    assert sorted(p.name for p in root.iterdir()) == sorted(f"job_{job_id}" for job_id in df["id"])
     assert openeo_simulator.created_count() == 5
 
 
@@ -97,7 +90,14 @@ def test_status_tracking_uses_the_job_listing(openeo_simulator, tmp_path):
 
 
 def test_sweeps_back_off_until_a_backend_shows_how_long_its_jobs_take():
-    from prefect_openeo.backends import BACKOFF_FRACTION, DUE_FRACTION, MAX_SWEEP_GAP, Backend
+    from prefect_openeo.backends import Backend
+    from prefect_openeo.settings import settings
+
+    BACKOFF_FRACTION, DUE_FRACTION, MAX_SWEEP_GAP = (
+        settings.backoff_fraction,
+        settings.due_fraction,
+        settings.max_sweep_gap,
+    )
 
     backend = Backend("b", connection=lambda: None)
     created = 995.0
@@ -108,7 +108,10 @@ def test_sweeps_back_off_until_a_backend_shows_how_long_its_jobs_take():
     assert backend.sweep_due(job, 1100.0 + BACKOFF_FRACTION * 100)
     assert backend.sweep_due([("j-2", None, "running")], 1100.5)  # nothing known of the job: sweep
 
-    backend.note_end(200.0)  # a job of this backend ended 200 s after it was created
+    backend.note_created("j-0", 800.0)  # this run created a job at 800 s ...
+    backend.note_end("j-0", 1000.0)  # ... and saw it end 200 s later
+    backend.note_end("j-9", 1000.0)  # a job an earlier run created: teaches nothing
+    backend.note_sweep(1150.0)
     assert not backend.sweep_due(job, created + DUE_FRACTION * 200 - 1)
     assert backend.sweep_due(job, created + DUE_FRACTION * 200)
     # a waiting job: no job of this backend was seen to start running yet, so it backs off too
@@ -255,6 +258,33 @@ def test_rerun_resumes_without_duplicates(openeo_simulator, tmp_path):
     tracked = first["id"].notna()
     assert list(final.loc[tracked, "id"]) == list(first.loc[tracked, "id"])
     assert all((tmp_path / "root" / f"job_{job_id}" / "job-results.json").exists() for job_id in final["id"])
+
+
+def test_a_resumed_run_keeps_the_pace_of_a_fresh_one(openeo_simulator, tmp_path):
+    """Jobs an earlier run created a minute ago teach no durations (the pause between the runs is not a
+    job's): the new jobs' ends are seen as soon as in a fresh run, not after a minute-long wait."""
+    openeo_simulator.config.queue_duration, openeo_simulator.config.run_duration = 0.2, 1.0
+    db_path = tmp_path / "jobs.csv"
+    create_job_db(db_path, tiles_df(12))
+    df = pd.read_csv(db_path, dtype={"id": object, "backend_name": object, "start_time": object})
+    connection = openeo.connect(openeo_simulator.url)
+    earlier = pd.Timestamp.now(tz="UTC") - pd.Timedelta(seconds=60)
+    for i in range(4):  # the earlier run's jobs: created a minute ago, ending now
+        job = connection.create_job({"n": {"process_id": "constant", "arguments": {"x": 1}, "result": True}})
+        job.start()
+        df.loc[i, ["id", "backend_name", "status"]] = [job.job_id, "sim", "queued"]
+        df.loc[i, "start_time"] = earlier.strftime("%Y-%m-%dT%H:%M:%SZ")
+    df.to_csv(db_path, index=False)
+
+    started = time.monotonic()
+    stats = manager_for(openeo_simulator, parallel_jobs=4, root_dir=tmp_path / "root").run_jobs(
+        job_db=db_path, start_job=ndvi_job
+    )
+    seconds = time.monotonic() - started
+    assert list(pd.read_csv(db_path)["status"]) == ["finished"] * 12 and stats["start_job call"] == 8
+    # Three waves of 1.2 s jobs; a run that learnt "jobs take a minute" from the earlier run's jobs waits
+    # at least 0.8 x 60 s before it looks at the second wave.
+    assert seconds < 30, seconds
 
 
 def test_rerun_downloads_exactly_the_rows_whose_results_are_recorded_pending(openeo_simulator, tmp_path):
@@ -488,3 +518,21 @@ def test_malformed_job_database_is_a_clear_error_and_left_untouched(openeo_simul
         manager.run_jobs(job_db=weird, start_job=ndvi_job)
     assert weird.read_text() == "year,status\n2020,not_started\n2021,halfway\n"
     assert openeo_simulator.created_count() == 0
+
+
+def test_a_slot_freed_in_a_sweep_gets_its_next_job_in_that_sweep(openeo_simulator_factory, tmp_path):
+    """Track, then fill: the sweep that sees a job end creates the next row's job on its slot at once, instead
+    of one poll later (openeo's manager also fills after tracking)."""
+    sim = openeo_simulator_factory("sim", queue_duration=0.1, run_duration=0.3)
+    manager = manager_for(sim, parallel_jobs=1, root_dir=tmp_path, poll_sleep=1.5, download_results=False)
+    stats = manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(3), start_job=ndvi_job)
+
+    assert list(pd.read_csv(tmp_path / "jobs.csv")["status"]) == ["finished"] * 3
+    assert stats["slot refilled"] == 2  # rows 1 and 2, each in the sweep that saw its predecessor end
+    jobs = sorted(sim.jobs(), key=lambda job: job["created_at"])
+    assert len(jobs) == 3 and max_overlap(jobs) == 1
+    # Each next job was created right after its predecessor's end was seen: less than a poll later.
+    gaps = [b["created_at"] - a["ended_at"] for a, b in zip(jobs, jobs[1:], strict=False)]
+    assert all(0 <= gap < 1.5 + 1.5 for gap in gaps), gaps
+    # Without the refill a job ends, is seen, and its successor is created a sweep later: 5 sweeps at least.
+    assert stats["run_jobs loop"] <= 4, stats["run_jobs loop"]

@@ -16,6 +16,7 @@ from shapely.geometry import box
 
 from prefect_openeo import MultiBackendJobManager, create_job_db, get_job_db
 from prefect_openeo.jobdb.sql import SqlJobDatabase
+from prefect_openeo.transitions import Patch
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -119,6 +120,28 @@ def test_three_workers_share_one_postgres_job_database(openeo_simulator_factory,
     assert max(max_overlap(sim.jobs()) for sim in sims) <= 2
     creators = collections.Counter(job["title"].split(" by ")[1].split(" [")[0] for job in jobs)
     assert len(creators) >= 2, creators
+
+
+def test_workers_share_a_backends_slots_fairly_and_leave_none_idle(pg_table):
+    """The worker that sees its job end refills only its share; a share nobody takes is its after a sweep."""
+    first = SqlJobDatabase(POSTGRES_URL, pg_table, worker_id="first").initialize_from_df(tiles_df(12))
+    first.prepare_run({"b": 4})
+    assert len(first.claim_new({"b": 4}, ["b"])) == 4  # alone: the whole budget
+    second = SqlJobDatabase(POSTGRES_URL, pg_table, worker_id="second")
+    assert second.claim_new({"b": 4}, ["b"]).empty  # every slot held; it is a claimant now
+    ended = first.read().index[:3]  # three of the first worker's jobs end
+    first.apply([Patch(i, {"status": "finished"}) for i in ended], first.read())
+    refill = first.claim_new({"b": 4}, ["b"])
+    assert len(refill) == 1  # its share: ceil(4 / 2) = 2, it holds 1
+    taken = second.claim_new({"b": 4}, ["b"])
+    assert len(taken) == 2  # the rest for the worker that joined
+    second.release()  # gone: its share is the first's again once free
+    assert first.claim_new({"b": 4}, ["b"]).empty  # no slot free yet
+    third = SqlJobDatabase(POSTGRES_URL, pg_table, worker_id="third")
+    first.apply([Patch(i, {"status": "finished"}) for i in taken.index], first.read())
+    assert third.claim_new({"b": 0}, ["b"]).empty  # a claimant whose lane is busy: claims nothing now
+    assert len(first.claim_new({"b": 4}, ["b"])) == 0  # its share (2) is full: it leaves 2 to the third
+    assert len(first.claim_new({"b": 4}, ["b"])) == 2  # the third took none for a sweep: no slot stays idle
 
 
 def test_a_dead_workers_rows_are_taken_over(openeo_simulator, pg_table):

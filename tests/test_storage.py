@@ -18,8 +18,8 @@ import pytest
 from conftest import ndvi_job, tiles_df
 
 from prefect_openeo import MultiBackendJobManager
-from prefect_openeo import storage as storage_module
 from prefect_openeo.downloads import DownloadVerificationError, download_job_results, fetch_asset, results_present
+from prefect_openeo.settings import settings
 from prefect_openeo.storage import LocalStore, ObjectStore, ResultStore, S3Store, StorageError
 
 
@@ -79,7 +79,7 @@ def test_manager_run_publishes_results_to_s3_and_leaves_the_working_directory_em
     db = tmp_path / "db" / "jobs.csv"
     db.parent.mkdir()
 
-    manager = manager_for(openeo_simulator, root_dir=f"s3://{bucket}/runs/a")
+    manager = manager_for(openeo_simulator, root_dir=f"s3://{bucket}/runs/a", stac_catalog=True)
     assert isinstance(manager.result_store, S3Store) and manager.result_store.shareable
     with s3_calls(manager.result_store) as calls:
         stats = manager.run_jobs(job_db=db, df=tiles_df(3), start_job=ndvi_job)
@@ -198,7 +198,7 @@ def test_fetch_results_on_request_into_s3(openeo_simulator, s3_server, tmp_path)
 
 # -- verified, atomic publish on S3 -----------------------------------------------------------------
 def test_failed_verification_leaves_no_object_and_no_pending_upload(openeo_simulator, s3_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_module, "PART_SIZE", 5 << 20)  # S3's smallest part: a 6 MiB asset takes two
+    monkeypatch.setattr(settings, "part_size", 5 << 20)  # S3's smallest part: a 6 MiB asset takes two
     job = finished_job(openeo_simulator, tmp_path, asset_size=6 << 20)
     (name, asset), *_ = job.get_results().get_metadata()["assets"].items()
     bucket = s3_server.new_bucket()
@@ -249,7 +249,7 @@ def truncating_server(body: bytes, send: int):
 
 
 def test_interrupted_download_aborts_its_multipart_upload(openeo_simulator, s3_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage_module, "PART_SIZE", 5 << 20)
+    monkeypatch.setattr(settings, "part_size", 5 << 20)
     job = finished_job(openeo_simulator, tmp_path)
     body = bytes(range(256)) * (48 << 10)  # 12 MiB: two parts go up before the connection drops
     bucket = s3_server.new_bucket()

@@ -21,59 +21,32 @@ opens a job database to run it. Deliberate differences from openeo's classes:
   merge skips empty values, so a cleared job id would stay).
 - The class names differ, so ``repr`` reads ``AtomicCsvJobDatabase('jobs.csv')``.
 
-``get_job_db``/``create_job_db`` return these classes, SQL job databases for ``.db``/``.sqlite`` paths and
-SQLAlchemy URLs, and for object-storage URLs (``s3://bucket/prefix/jobs.parquet``) the same classes with the file
-in object storage (``remote.py``).
+``open_file`` gives the one for a local ``.csv``/``.parquet``/``.geoparquet`` path. ``get_job_db``/``create_job_db``
+(``prefect_openeo.jobdb``) return these classes, SQL job databases for ``.db``/``.sqlite`` paths and SQLAlchemy
+URLs, and for object-storage URLs (``s3://bucket/prefix/jobs.parquet``) the same classes with the file in object
+storage (``remote.py``).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import logging
 import warnings
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
 import pandas as pd
-from openeo.extra.job_management import (
-    CsvJobDatabase,
-    JobDatabaseInterface,
-    ParquetJobDatabase,
-)
-from openeo.extra.job_management._manager import MultiBackendJobManager as _UpstreamManager
-from openeo.util import rfc3339
+from openeo.extra.job_management import CsvJobDatabase, ParquetJobDatabase
 
-from prefect_openeo.states import ALL
+from prefect_openeo.jobdb.checks import normalize_job_frame, not_numbers
+from prefect_openeo.jobdb.errors import JobDatabaseError
+from prefect_openeo.paths import Changed, atomic_write
+from prefect_openeo.schema import BOOKKEEPING, COLUMN_REQUIREMENTS, STATUS, TOKEN
 
+__all__ = ["FILE_SUFFIXES", "AtomicCsvJobDatabase", "AtomicParquetJobDatabase", "open_file"]
 
-class JobDatabaseError(ValueError):
-    """A job database that cannot be used as it is; the message names the file and what is wrong."""
+_log = logging.getLogger("prefect_openeo")
 
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then fsync and rename over ``path``; ``path`` is intact if anything fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+#: Suffixes of the CSV/Parquet job database files (``open_file``).
+FILE_SUFFIXES = (".csv", ".parquet", ".geoparquet")
 
 
 class _AtomicMixin:
@@ -83,6 +56,59 @@ class _AtomicMixin:
     _df: pd.DataFrame | None
     _rows_read: int = 0
     _swept: bool = False
+    #: The file as this object last read or wrote it (mtime, size, inode): another writer changes it.
+    _stamp: tuple[int, int, int] | None = None
+
+    def __repr__(self) -> str:
+        """The class name without ``Atomic``: the drop-in classes print as openeo's (``CsvJobDatabase('jobs.csv')``,
+        so logs and code read the same), others as themselves (``RemoteCsvJobDatabase('s3://...')``)."""
+        return f"{type(self).__name__.removeprefix('Atomic')}({str(self.path)!r})"
+
+    def _disk_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload_if_changed(self) -> bool:
+        """Whether the file was changed by someone else (a user adding rows or setting one ``skipped`` during a
+        run) since this object last read or wrote it; if so the edit is merged in, so that nothing written next
+        overwrites it: rows added are joined, the user's own columns are taken over, and so is the status of
+        rows the run does not hold (``not_started`` without a creation token). The run's bookkeeping of the
+        rows it works on stays as the run knows it (an editor's copy may predate the run's last write)."""
+        if self._df is None or self._stamp is None:
+            return False
+        stamp = self._disk_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        theirs = normalize_job_frame(self.read())
+        mine = self._df
+        common = theirs.index.intersection(mine.index)
+        added = theirs.index.difference(mine.index)
+        merged = mine.copy()
+        for column in [c for c in theirs.columns if c not in BOOKKEEPING]:
+            if column not in merged.columns:
+                merged[column] = pd.Series([None] * len(merged), index=merged.index, dtype=object)
+            if not theirs.loc[common, column].equals(merged.loc[common, column]):
+                merged[column] = merged[column].astype(object)
+                merged.loc[common, column] = theirs.loc[common, column].astype(object)
+        untouched = mine.loc[common, STATUS].eq("not_started")
+        if TOKEN in mine.columns:
+            untouched &= mine.loc[common, TOKEN].isna() | mine.loc[common, TOKEN].eq("")
+        free = common[untouched.to_numpy()]
+        merged.loc[free, STATUS] = theirs.loc[free, STATUS]
+        if len(added):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                merged = pd.concat([merged, theirs.loc[added]])
+        _log.warning(
+            f"Job database {str(self.path)!r} was changed by someone else during the run: merged their edit "
+            f"({len(added)} row(s) added; their columns and the status of rows not yet planned taken over)"
+        )
+        self._df = merged
+        self._stamp = stamp
+        return True
 
     def _write(self, df: pd.DataFrame, tmp: Path) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -99,6 +125,7 @@ class _AtomicMixin:
         except Exception as e:
             raise JobDatabaseError(f"Job database {str(self.path)!r} cannot be read: {e}") from e
         self._rows_read = max(self._rows_read, len(df))
+        self._stamp = self._disk_stamp()
         return df
 
     def _merge_into_df(self, df: pd.DataFrame) -> None:
@@ -123,7 +150,7 @@ class _AtomicMixin:
             if (
                 target.dtype != values.dtype
                 and not (pd.api.types.is_numeric_dtype(target.dtype) and pd.api.types.is_numeric_dtype(values.dtype))
-                and column != getattr(self._df, "_geometry_column_name", None)
+                and column != getattr(self._df, "active_geometry_name", None)
             ):
                 self._df[column] = target.astype(object)
             self._df.loc[known, column] = values
@@ -137,14 +164,31 @@ class _AtomicMixin:
             # Persisting rows into a database object that has not read its file yet: merge them into what
             # the file holds (openeo's classes would write the given rows alone, losing the others).
             self._df = self.read()
-        self._merge_into_df(df)  # type: ignore[attr-defined]
-        full = self.df  # type: ignore[attr-defined]
-        if len(full) < self._rows_read:
-            raise JobDatabaseError(
-                f"Refusing to write {len(full)} rows to {str(self.path)!r}, which held {self._rows_read}"
-            )
-        atomic_write(self.path, lambda tmp: self._write(full, tmp))
+        if self._stamp is None:  # loaded before it was ours (openeo's class upgraded in place): as it is now
+            self._stamp = self._disk_stamp()
+        for attempt in range(3):  # someone else may write the file while this write is prepared
+            if attempt or self._df is not None:
+                self.reload_if_changed()
+            self._merge_into_df(df)  # type: ignore[attr-defined]
+            full = self.df  # type: ignore[attr-defined]
+            if len(full) < self._rows_read:
+                raise JobDatabaseError(
+                    f"Refusing to write {len(full)} rows to {str(self.path)!r}, which held {self._rows_read}"
+                )
+            stamp = self._stamp
+            try:
+                atomic_write(
+                    self.path,
+                    lambda tmp, full=full: self._write(full, tmp),
+                    lambda stamp=stamp: self._disk_stamp() == stamp,
+                )
+                break
+            except Changed:
+                continue
+        else:
+            raise JobDatabaseError(f"Job database {str(self.path)!r} keeps being written by someone else")
         self._rows_read = len(full)
+        self._stamp = self._disk_stamp()
 
 
 class AtomicCsvJobDatabase(_AtomicMixin, CsvJobDatabase):
@@ -181,229 +225,29 @@ class AtomicParquetJobDatabase(_AtomicMixin, ParquetJobDatabase):
         df.to_parquet(tmp, index=False)
 
 
-#: Bookkeeping columns a job database may lack: ``normalize_job_frame`` adds them (empty) for a run.
-OPTIONAL_COLUMNS = ("id", "backend_name", "start_time", "running_start_time", "costs")
-
-
-def _where(df: pd.DataFrame, mask: pd.Series) -> str:
-    rows = [str(i) for i in df.index[mask.to_numpy()][:5]]
-    more = int(mask.sum()) - len(rows)
-    return f"row{'s' if len(rows) > 1 else ''} {', '.join(rows)}" + (f" and {more} more" if more > 0 else "")
-
-
-def check_job_frame(df: pd.DataFrame, *, source: str) -> None:
-    """Raise a ``JobDatabaseError`` naming the file, rows and column for a frame the manager cannot run.
-
-    Called once where a run opens a job database (``read``/``persist`` take any table, as openeo's do).
-    """
-    where = f"Job database {source!r}"
-    if df.columns.duplicated().any():
-        raise JobDatabaseError(f"{where}: duplicate column names {sorted(set(df.columns[df.columns.duplicated()]))}")
-    if "status" not in df.columns:
-        raise JobDatabaseError(
-            f"{where} has no 'status' column (columns: {', '.join(map(str, df.columns[:8]))}); "
-            "is it a job database? Create one from a table of rows with create_job_db(path, df)."
-        )
-    if not df.index.is_unique:
-        dups = sorted({str(i) for i in df.index[df.index.duplicated()]})[:5]
-        raise JobDatabaseError(f"{where}: duplicate index values {dups}")
-    status = df["status"]
-    blank = status.isna()
-    if blank.any():
-        raise JobDatabaseError(f"{where}: column 'status' is empty at {_where(df, blank)}")
-    text = status.astype(str)
-    unknown_mask = ~text.isin(ALL)
-    if unknown_mask.any():
-        unknown = sorted(set(text[unknown_mask]))[:5]
-        raise JobDatabaseError(
-            f"{where}: column 'status' has unknown values {unknown} at {_where(df, unknown_mask)} "
-            f"(allowed: {', '.join(ALL)})"
-        )
-    for column in ("id", "backend_name"):
-        if column in df.columns:
-            values = df[column]
-            bad = values.notna() & ~values.map(lambda v: isinstance(v, str))
-            if bad.any():
-                raise JobDatabaseError(
-                    f"{where}: column {column!r} must hold text, found {_plain(values[bad].iloc[0])!r} "
-                    f"at {_where(df, bad)}"
-                )
-    if "running_start_time" in df.columns:  # used to cancel jobs running too long
-        values = df["running_start_time"]
-        bad = (status == "running") & values.notna() & (values.astype(str) != "") & ~values.map(_is_timestamp)
-        if bad.any():
-            raise JobDatabaseError(
-                f"{where}: column 'running_start_time' must hold RFC 3339 times, found {values[bad].iloc[0]!r} "
-                f"at {_where(df, bad)}"
-            )
-    if "costs" in df.columns:
-        problem = _not_numbers(df, "costs")
-        if problem:
-            raise JobDatabaseError(f"{where}: {problem}")
-    active = status.isin(["created", "queued_for_start", "queued", "running"])
-    if "backend_name" not in df.columns and active.any():
-        raise JobDatabaseError(f"{where}: active rows without a 'backend_name' column at {_where(df, active)}")
-
-
-def _not_numbers(df: pd.DataFrame, column: str) -> str | None:
-    """What is wrong with ``df[column]`` if some value in it is not a number, else None."""
-    values = df[column]
-    bad = values.notna() & pd.to_numeric(values, errors="coerce").isna()
-    if not bad.any():
-        return None
-    return f"column {column!r} must hold numbers, found {values[bad].iloc[0]!r} at {_where(df, bad)}"
-
-
 def _unparsable_number(path: Path) -> str | None:
     """Why openeo's CSV read failed, if a column it reads as numbers holds text (read as text to say where)."""
     numeric = [
         column
-        for column, dtype in _UpstreamManager._column_requirements.dtype_mapping().items()
+        for column, dtype in COLUMN_REQUIREMENTS.dtype_mapping().items()
         if pd.api.types.is_numeric_dtype(pd.api.types.pandas_dtype(dtype))
     ]
     try:
         df = pd.read_csv(path, dtype=str)
     except Exception:
         return None
-    return next((problem for c in numeric if c in df.columns and (problem := _not_numbers(df, c))), None)
+    return next((problem for c in numeric if c in df.columns and (problem := not_numbers(df, c))), None)
 
 
-def _plain(value):
-    """numpy scalars as plain Python values, for messages."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _is_timestamp(value) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        rfc3339.parse_datetime(value)
-        return True
-    except Exception:
-        return False
-
-
-def normalize_job_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Add missing optional bookkeeping columns (empty) in place, as ``initialize_from_df`` would have."""
-    missing = [c for c in OPTIONAL_COLUMNS if c not in df.columns]
-    for column in missing:
-        df[column] = pd.Series([None] * len(df), index=df.index, dtype=object)
-    return df
-
-
-_UPGRADES = {CsvJobDatabase: AtomicCsvJobDatabase, ParquetJobDatabase: AtomicParquetJobDatabase}
-
-
-SQL_SUFFIXES = (".db", ".sqlite", ".sqlite3")
-
-#: What ``get_job_db`` accepts, for its error messages.
-ACCEPTED = (
-    "a local .csv, .parquet, .geoparquet or .db/.sqlite path; file:///path/jobs.csv; a .csv/.parquet/.geoparquet "
-    "file in object storage (s3://bucket/prefix/jobs.parquet, gs://, az://, memory://); or an SQLAlchemy URL "
-    "(sqlite:///jobs.db, postgresql+psycopg://user@host/db)"
-)
-
-
-def get_job_db(path: str | Path, *, storage_options: Any = None) -> JobDatabaseInterface:
-    """Like openeo's ``get_job_db``, returning the atomic flavours (``.csv``, ``.parquet``, ``.geoparquet``).
-
-    URLs are routed by scheme: an SQLAlchemy URL (``dialect[+driver]://``) is a SQL job database; an
-    object-storage URL (``s3://``, ``gs://``, ``az://``, ``memory://``) of a CSV/Parquet file is the file in object
-    storage (``prefect_openeo.jobdb.remote``), with ``storage_options`` (fsspec options or a prefect-aws
-    ``AwsCredentials``/``MinIOCredentials`` block); ``file://`` is a local path. Any other URL is a
-    ``JobDatabaseError`` that names it and what is accepted.
-    """
-    if isinstance(path, str) and "://" in path:
-        return _from_url(path, storage_options)
-    text = str(path)
-    from prefect_openeo.storage import _MANGLED_URL, SCHEMES
-
-    mangled = _MANGLED_URL.match(text)
-    if mangled and mangled.group(1).lower() in (*SCHEMES, "file"):
-        scheme = mangled.group(1)
-        raise JobDatabaseError(
-            f"Job database {text!r} looks like a URL whose '//' was lost (pathlib.Path collapses it): "
-            f"pass it as a string, e.g. {scheme}://{text[len(scheme) + 2 :]}"
-        )
-    if storage_options is not None:
-        raise JobDatabaseError(f"storage_options given for the local job database {text!r}: they are for URLs")
+def open_file(path: str | Path) -> AtomicCsvJobDatabase | AtomicParquetJobDatabase:
+    """The job database in a local ``.csv``, ``.parquet`` or ``.geoparquet`` file (by its suffix; the file need
+    not exist yet)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in SQL_SUFFIXES:
-        from prefect_openeo.jobdb.sql import SqlJobDatabase
-
-        return SqlJobDatabase(path)
     if suffix == ".csv":
         return AtomicCsvJobDatabase(path)
-    if suffix in (".parquet", ".geoparquet"):
+    if suffix in FILE_SUFFIXES:
         return AtomicParquetJobDatabase(path)
     raise JobDatabaseError(
-        f"Could not guess job database type from {str(path)!r} (use .csv, .parquet, .geoparquet, .db/.sqlite, "
-        "or an SQLAlchemy URL such as postgresql+psycopg://..., or a .csv/.parquet/.geoparquet file in object "
-        "storage such as s3://bucket/prefix/jobs.parquet)"
+        f"Could not guess the file format of the job database {str(path)!r} (use .csv, .parquet or .geoparquet)"
     )
-
-
-def _from_url(url: str, storage_options: Any) -> JobDatabaseInterface:
-    """The job database at a URL, by its scheme (see ``get_job_db``)."""
-    from prefect_openeo.storage import SCHEMES
-
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise JobDatabaseError(f"Job database {url!r}: a file:// URL names a local path (file:///path/jobs.csv)")
-        return get_job_db(Path(url2pathname(parts.path)), storage_options=storage_options)
-    if scheme in SCHEMES:
-        from prefect_openeo.jobdb.remote import open_remote_job_db
-
-        return open_remote_job_db(url, storage_options)
-    if _is_sqlalchemy_url(url):
-        if storage_options is not None:
-            raise JobDatabaseError(f"storage_options given for the SQL job database {url!r}: they are for files")
-        from prefect_openeo.jobdb.sql import SqlJobDatabase
-
-        return SqlJobDatabase(url)
-    raise JobDatabaseError(
-        f"Job database {url!r}: {scheme!r} is neither an SQLAlchemy dialect nor an object store. Use {ACCEPTED}"
-    )
-
-
-def _is_sqlalchemy_url(url: str) -> bool:
-    """Whether ``url``'s scheme names an SQLAlchemy dialect (``dialect[+driver]``), installed or built in."""
-    import sqlalchemy as sa
-
-    try:
-        sa.engine.make_url(url).get_dialect()
-    except sa.exc.ArgumentError:  # not a URL, or no such dialect (NoSuchModuleError)
-        return False
-    except Exception:  # a dialect that exists but fails to load: SqlJobDatabase says why
-        return True
-    return True
-
-
-def create_job_db(
-    path: str | Path, df: pd.DataFrame, *, on_exists: str = "error", storage_options: Any = None
-) -> JobDatabaseInterface:
-    """Like openeo's ``create_job_db``, returning the atomic flavours (``storage_options``: see ``get_job_db``)."""
-    job_db = get_job_db(path, storage_options=storage_options)
-    job_db.initialize_from_df(df=df, on_exists=on_exists)
-    return job_db
-
-
-def resolve_job_db(job_db: str | Path | JobDatabaseInterface) -> JobDatabaseInterface:
-    """Turn what ``run_jobs(job_db=...)`` accepts into a job database.
-
-    openeo's own ``CsvJobDatabase``/``ParquetJobDatabase`` objects are upgraded in place to their atomic
-    subclasses (same object, same state, same file format), so users' objects keep working unchanged.
-    """
-    if isinstance(job_db, (str, Path)):
-        return get_job_db(job_db)
-    if not isinstance(job_db, JobDatabaseInterface):
-        raise ValueError(f"Unsupported job_db {job_db!r}")
-    upgrade = _UPGRADES.get(type(job_db))
-    if upgrade is not None:
-        job_db.__class__ = upgrade
-        if getattr(job_db, "_df", None) is not None:
-            job_db._rows_read = len(job_db._df)
-    return job_db

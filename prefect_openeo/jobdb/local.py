@@ -1,30 +1,32 @@
-"""The engine's row bookkeeping on a job database that one run works alone: any openeo
-``JobDatabaseInterface`` (CSV, Parquet, or your own class).
+"""The job store of a job database that one run works alone: any openeo ``JobDatabaseInterface`` (CSV,
+Parquet, STAC API, or your own class), adapted to the ``JobStore`` protocol.
 
-It offers the same calls as the SQL job database's claims (``SqlJobDatabase``), without owners or leases:
+Its claims select rows without owners or leases (one run at a time: a local file is locked for the run);
 the intent to create a job (token and planned backend) and the download state of its results are still
 recorded in the rows, before the action they describe, so a rerun knows exactly what was under way.
+A patch is applied to the row as the job database holds it; where the job database does not return a row
+the run holds (some do not read their rows back by index), to the row as the run holds it; a row neither
+has is a ``JobDatabaseError``: the job database lost it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import pandas as pd
 from openeo.extra.job_management import JobDatabaseInterface
 
-from prefect_openeo.frames import column, set_cell
-from prefect_openeo.jobdb.files import JobDatabaseError
-from prefect_openeo.placement import assign_rows, free_slots, new_token
+from prefect_openeo import transitions
+from prefect_openeo.frames import column, stack
+from prefect_openeo.jobdb.errors import JobDatabaseBusy, JobDatabaseError
+from prefect_openeo.placement import assign_rows, free_slots, new_token, unregistered
+from prefect_openeo.schema import PLANNED, RESULTS, TOKEN
 from prefect_openeo.states import ACTIVE, PENDING
-
-TOKEN_COLUMN = "create_token"
-PLANNED_COLUMN = "planned_backend"
-RESULTS_COLUMN = "results"
+from prefect_openeo.transitions import Patch
 
 
 def filled(values: pd.Series) -> pd.Series:
@@ -38,20 +40,16 @@ def _none(df: pd.DataFrame) -> pd.Series:
 
 def unresolved_mask(df: pd.DataFrame) -> pd.Series:
     """``not_started`` rows with a recorded creation token."""
-    if TOKEN_COLUMN not in df.columns:
+    if TOKEN not in df.columns:
         return _none(df)
-    return df["status"].isin(PENDING) & filled(df[TOKEN_COLUMN])
+    return df["status"].isin(PENDING) & filled(df[TOKEN])
 
 
 def owed_results_mask(df: pd.DataFrame, state: str = "pending") -> pd.Series:
     """Finished rows whose results are in ``state``."""
-    if RESULTS_COLUMN not in df.columns:
+    if RESULTS not in df.columns:
         return _none(df)
-    return (df[RESULTS_COLUMN] == state) & (df["status"] == "finished")
-
-
-class JobDatabaseBusy(JobDatabaseError):
-    """Another run works on this job database (a CSV/Parquet file is worked by one run at a time)."""
+    return (df[RESULTS] == state) & (df["status"] == "finished")
 
 
 def _lock(path: Path) -> IO | None:
@@ -96,10 +94,11 @@ def _unlock(handle: IO) -> None:
     handle.close()
 
 
-class LocalRows:
-    """Row claims on a job database worked by this run alone (a local file is locked for the run)."""
+class InterfaceStore:
+    """The ``JobStore`` of a job database worked by this run alone (a local file is locked for the run)."""
 
     shared = False
+    across_machines = False
 
     def __init__(self, job_db: JobDatabaseInterface):
         self.job_db = job_db
@@ -138,29 +137,40 @@ class LocalRows:
             self._lock = _lock(path)
         self.budgets = dict(budgets)
         failed = self._select(lambda df: owed_results_mask(df, "failed"), ["finished"])
-        if not failed.empty:
-            failed[RESULTS_COLUMN] = "pending"
-            self.job_db.persist(failed[[RESULTS_COLUMN]])
+        self.apply([transitions.download_again(row, index) for index, row in failed.iterrows()], failed)
         return dict(budgets)
 
     # One run at a time, whose backends the rows were checked against: ``backends`` changes nothing.
     def claim_active(self, backends: Iterable[str] | None = None) -> pd.DataFrame:
+        """Active rows; first, each sweep, an edit of the file by someone else is read in (``reload_if_changed``
+        of prefect-openeo's file job databases), so a row added or set ``skipped`` meanwhile counts."""
+        reload = getattr(self.job_db, "reload_if_changed", None)
+        if reload is not None:
+            reload()
         return self._select(None, list(ACTIVE))
 
     def claim_unresolved(self, backends: Iterable[str] | None = None) -> pd.DataFrame:
         return self._select(unresolved_mask, list(PENDING))
 
-    def claim_new(self, caps: Mapping[str, int], order: list[str], max_rows: int = 200) -> pd.DataFrame:
-        """Pick ``not_started`` rows for backends with free slots (their budget, at most ``caps``); record a
-        token and the planned backend on each (persisted before any job is created) and return them."""
+    def claim_new(
+        self,
+        caps: Mapping[str, int],
+        order: list[str],
+        max_rows: int = 200,
+        new_at_most: Mapping[str, int] | None = None,
+    ) -> pd.DataFrame:
+        """Pick ``not_started`` rows for backends with free slots (their budget, at most ``caps``; at most
+        ``new_at_most`` new rows per backend); record a token and the planned backend on each (persisted
+        before any job is created) and return them."""
         budgets = {name: min(self.budgets.get(name, 0), caps.get(name, 0)) for name in order}
         active = self.claim_active()
         unresolved = self.claim_unresolved()
         free = free_slots(
             budgets,
             active["backend_name"].value_counts().to_dict() if not active.empty else {},
-            column(unresolved, PLANNED_COLUMN).value_counts().to_dict(),
+            column(unresolved, PLANNED).value_counts().to_dict(),
         )
+        free = {name: min(f, (new_at_most or {}).get(name, f)) for name, f in free.items()}
         total = sum(max(0, f) for f in free.values())
         if total <= 0:
             return unresolved.iloc[0:0]
@@ -170,19 +180,15 @@ class LocalRows:
         if not chosen:
             return candidates.iloc[0:0]
         planned = candidates.loc[[i for i, _ in chosen]].copy()
-        for index, name in chosen:
-            set_cell(planned, index, TOKEN_COLUMN, new_token())
-            set_cell(planned, index, PLANNED_COLUMN, name)
-        self.job_db.persist(planned)
+        patches = [transitions.planned(planned.loc[index], index, name, new_token()) for index, name in chosen]
+        for patch in patches:
+            transitions.apply_to(planned, patch)
+        self.apply(patches, planned)
         return planned
 
-    def unclaim(self, indices: Iterable[Any]) -> None:
-        rows = self.job_db.get_by_indices(list(indices)).copy()
-        for index in rows.index:
-            set_cell(rows, index, TOKEN_COLUMN, None)
-            set_cell(rows, index, PLANNED_COLUMN, None)
-        if not rows.empty:
-            self.job_db.persist(rows)
+    def unclaim(self, indices: Iterable[Any], held: pd.DataFrame | None = None) -> None:
+        rows = self._rows(list(indices), held)
+        self.apply([transitions.unplanned(row, index) for index, row in rows.iterrows()], held)
 
     def claim_downloads(self, limit: int, exclude: Iterable[Any] = (), backends: Iterable[str] = ()) -> pd.DataFrame:
         excluded, names = list(exclude), list(backends)
@@ -208,6 +214,78 @@ class LocalRows:
             return mask & df["backend_name"].isin(names) if names and mask.any() else mask
 
         return self._count(owed, ["finished"])
+
+    def waiting_rows(self) -> dict[str, int]:
+        df = self._table()
+        if df is None:
+            df = self.job_db.get_by_status(statuses=["not_started"])
+        mask = df["status"] == "not_started"
+        if TOKEN in df.columns:
+            mask &= column(df, TOKEN).isna()
+        names = column(df, "backend_name")[mask].fillna("").astype(str)
+        return {str(k): int(n) for k, n in names.value_counts().items()}
+
+    def count_results(self) -> dict[str, int]:
+        df = self._table()
+        if df is None:
+            df = self.job_db.get_by_status(statuses=["finished"])
+        finished = df[df["status"] == "finished"]
+        if RESULTS not in finished.columns:
+            return {"": len(finished)} if len(finished) else {}
+        return {str(k): int(n) for k, n in finished[RESULTS].fillna("").value_counts().items()}
+
+    def unknown_backends(self, statuses: list[str], known: list[str]) -> pd.DataFrame:
+        """Rows with one of ``statuses`` naming a backend not in ``known`` (one run at a time: nobody tends them)."""
+        return unregistered(self._select(None, statuses), known)
+
+    def held_by_run(self, run: str, statuses: Iterable[str]) -> pd.DataFrame:
+        """Rows with one of ``statuses``: one run at a time works this job database, so every such row is the
+        last run's."""
+        return self._select(None, list(statuses))
+
+    def _rows(self, indices: list, held: pd.DataFrame | None) -> pd.DataFrame:
+        """The rows at ``indices`` as the job database holds them, else as the run holds them (``held``)."""
+        return self._stored_rows(indices, held)[0]
+
+    def _stored_rows(self, indices: list, held: pd.DataFrame | None) -> tuple[pd.DataFrame, set]:
+        """``_rows``, and which of them the job database returned (the others are the run's own copies)."""
+        if not indices:
+            return pd.DataFrame(), set()
+        df = self._table()
+        stored = df.loc[df.index.intersection(indices)] if df is not None else self.job_db.get_by_indices(indices)
+        missing = [i for i in indices if i not in stored.index]
+        returned = set(stored.index)
+        if missing:
+            if held is None or any(i not in held.index for i in missing):
+                lost = [i for i in missing if held is None or i not in held.index]
+                raise JobDatabaseError(
+                    f"Job database {self.job_db!r} does not return row(s) {lost[:10]} that this run works on: "
+                    "it lost them or hides them (get_by_indices); nothing was written"
+                )
+            stored = stack(stored, held.loc[missing])
+        return stored.loc[[i for i in indices if i in stored.index]], returned
+
+    def apply(self, patches: Sequence[Patch], held: pd.DataFrame | None = None) -> list:
+        """Write the patched rows, once: each patch's cells on the row as stored (or as held, see above), where
+        the stored row still has the status the patch expects (someone may have set it ``skipped`` meanwhile,
+        in the file); returns the rows written."""
+        merged = transitions.merge(patches)
+        changed = [index for index, patch in merged.items() if patch]
+        if not changed:
+            return []
+        rows, returned = self._stored_rows(changed, held)
+        landed = [
+            index
+            for index in changed
+            if index not in returned or merged[index].expect in (None, rows.at[index, "status"])
+        ]
+        if not landed:
+            return []
+        rows = rows.loc[landed].copy()
+        for index in landed:
+            transitions.apply_to(rows, merged[index])
+        self.job_db.persist(rows)
+        return landed
 
     def release(self, keep: Iterable[Any] = ()) -> None:
         """Let go of the run's lock on the file."""

@@ -37,26 +37,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pandas as pd
-from openeo.extra.job_management._job_db import FullDataFrameJobDatabase
+from openeo.extra.job_management import FullDataFrameJobDatabase
 
-from prefect_openeo.jobdb.files import AtomicCsvJobDatabase, AtomicParquetJobDatabase, JobDatabaseError
+from prefect_openeo.jobdb.errors import JobDatabaseConflict, JobDatabaseCreated, JobDatabaseError
+from prefect_openeo.jobdb.files import AtomicCsvJobDatabase, AtomicParquetJobDatabase
+from prefect_openeo.paths import S3_SCHEMES, SCHEMES
+from prefect_openeo.storage import storage_options_for, storage_problem
 
 __all__ = [
     "ConcurrentWriteWarning",
-    "JobDatabaseConflict",
-    "JobDatabaseCreated",
     "RemoteCsvJobDatabase",
     "RemoteParquetJobDatabase",
     "open_remote_job_db",
 ]
-
-
-class JobDatabaseConflict(JobDatabaseError):
-    """Another process changed the job database object since this one read it; nothing was written."""
-
-
-class JobDatabaseCreated(JobDatabaseConflict, FileExistsError):
-    """Another process created the job database object first; nothing was written."""
 
 
 class ConcurrentWriteWarning(UserWarning):
@@ -195,6 +188,10 @@ class _RemoteMixin:
                 stacklevel=4,
             )
 
+    def reload_if_changed(self) -> bool:
+        """Object storage: a change by another writer is refused when writing (``JobDatabaseConflict``)."""
+        return False
+
     def exists(self) -> bool:
         try:
             return self._object.exists()
@@ -320,8 +317,6 @@ def _open(url: str, storage_options: Any) -> tuple[Any, _S3Object | _FsspecObjec
     """The fsspec filesystem for ``url`` (credentials as for results) and the object's access."""
     import fsspec
 
-    from prefect_openeo.storage import _S3, SCHEMES, _options
-
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
@@ -335,18 +330,16 @@ def _open(url: str, storage_options: Any) -> tuple[Any, _S3Object | _FsspecObjec
         fs_class = fsspec.get_filesystem_class(scheme)
     except ImportError as e:
         raise JobDatabaseError(f"Job database {url!r} needs the package {package!r}: {install}") from e
-    options = dict(_options(storage_options))
+    options = dict(storage_options_for(storage_options))
     options.setdefault("use_listings_cache", False)  # other processes write too: never answer from a cache
     try:
         fs = fs_class(**options)
     except Exception as e:
         raise JobDatabaseError(f"Job database {url!r}: storage_options {sorted(options)} were refused: {e}") from e
-    return fs, (_S3Object if scheme in _S3 else _FsspecObject)(fs, url)
+    return fs, (_S3Object if scheme in S3_SCHEMES else _FsspecObject)(fs, url)
 
 
 def _explain(url: str, action: str, error: Exception) -> JobDatabaseError:
     """A clear message for an object that could not be read or written."""
-    from prefect_openeo.storage import storage_problem
-
     hint = storage_problem(error) or f"{type(error).__name__}: {error}"
     return JobDatabaseError(f"Job database {url!r} cannot be {action}: {hint}")

@@ -23,13 +23,14 @@ fields, geometry as WKT) lives in a JSON column, so any dataframe round-trips.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,16 @@ import sqlalchemy as sa
 from openeo.extra.job_management import JobDatabaseInterface
 from openeo.util import rfc3339
 
-from prefect_openeo.jobdb.files import JobDatabaseError, check_job_frame, get_job_db
+from prefect_openeo import transitions
+from prefect_openeo.jobdb.checks import check_job_frame
+from prefect_openeo.jobdb.errors import JobDatabaseError
+from prefect_openeo.jobdb.files import open_file
 from prefect_openeo.jobdb.owners import is_dead, this_worker
-from prefect_openeo.placement import assign_rows, free_slots, new_token
+from prefect_openeo.placement import assign_rows, free_slots, new_token, worker_room
+from prefect_openeo.schema import COLUMN_REQUIREMENTS, RESULTS, UPSTREAM
+from prefect_openeo.settings import settings
 from prefect_openeo.states import ACTIVE, PENDING, TERMINAL
+from prefect_openeo.transitions import Patch
 
 _log = logging.getLogger("prefect_openeo")
 
@@ -63,19 +70,21 @@ COLUMNS: dict[str, Any] = {
     "retry_after": sa.String(64),
 }
 #: Bookkeeping columns every frame has (as openeo's ``normalize_df`` adds them).
-UPSTREAM_COLUMNS = ("status", "id", "backend_name", "start_time", "running_start_time", "costs")
+UPSTREAM_COLUMNS = ("status", *(c for c in UPSTREAM if c != "status"))
 #: Who holds a row; not shown in dataframes.
 WORKER_COLUMNS: dict[str, Any] = {"owner": sa.String(255), "lease_until": sa.Float}
 #: Columns without which a table is not a job database of ours.
 REQUIRED_COLUMNS = ("idx", "status", "data")
+#: The meta key of the workers claiming rows (worker id: when it last claimed), for their fair shares.
+CLAIMANTS = "claimants"
 _CHUNK = 1000
 
 
 def _plain(value: Any) -> Any:
-    """A JSON/SQL-friendly Python value."""
+    """A JSON/SQL-friendly Python value (JSON has no NaN or infinity: they are stored as nothing)."""
     if value is None:
         return None
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if hasattr(value, "geom_type") and hasattr(value, "wkt"):
         return value.wkt
@@ -86,8 +95,14 @@ def _plain(value: Any) -> Any:
             value = value.item()
         except (ValueError, AttributeError):
             pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if hasattr(value, "tolist"):
-        return value.tolist()
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     try:
         if pd.isna(value) is True:
             return None
@@ -138,6 +153,8 @@ class SqlJobDatabase(JobDatabaseInterface):
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         self._meta_cache: dict[str, Any] | None = None
         self._schema_checked = False
+        #: Free slots this worker left to others at its last claim (``placement.worker_room``).
+        self._spare: dict[str, int] = {}
         self._define(index_type=sa.BigInteger)
 
     def __repr__(self) -> str:
@@ -145,6 +162,8 @@ class SqlJobDatabase(JobDatabaseInterface):
 
     # -- schema -----------------------------------------------------------------------------------
     def _define(self, index_type: Any) -> None:
+        #: Patch statements by shape (``_patch_statement``), built on this table definition.
+        self._statements: dict[tuple, Any] = {}
         md = sa.MetaData()
         self.table = sa.Table(
             self.table_name,
@@ -172,13 +191,16 @@ class SqlJobDatabase(JobDatabaseInterface):
         return sa.inspect(self.engine).has_table(self.table_name)
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sa.Connection]:
-        """A write transaction that holds the table's lock: claims, upgrades and writes never interleave
-        (PostgreSQL: a transaction-scoped advisory lock; SQLite: ``BEGIN IMMEDIATE``)."""
+    def _tx(self, table_lock: bool = True) -> Iterator[sa.Connection]:
+        """A write transaction; with ``table_lock``, one that holds the table's lock, so that claims of new rows
+        (which count every backend's active rows), upgrades and ``persist`` never interleave (PostgreSQL: a
+        transaction-scoped advisory lock). Row-level writes (patches, claims of rows already on a backend,
+        releases) take no table lock: each is one conditional UPDATE, which the database serializes per row.
+        SQLite has one writer at a time anyway: ``BEGIN IMMEDIATE``."""
         with self.engine.connect() as conn:
             conn.execution_options(sqlite_immediate=True)
             with conn.begin():
-                if self.engine.dialect.name == "postgresql":
+                if table_lock and self.engine.dialect.name == "postgresql":
                     digest = int(uuid.uuid5(uuid.NAMESPACE_URL, f"prefect-openeo:{self.table_name}").hex[:15], 16)
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": digest})
                 yield conn
@@ -312,14 +334,12 @@ class SqlJobDatabase(JobDatabaseInterface):
         """
         if on_exists not in ("skip", "error"):
             raise ValueError(f"Invalid on_exists={on_exists!r}")
-        from openeo.extra.job_management._manager import MultiBackendJobManager as _Upstream
-
-        df = _Upstream._column_requirements.normalize_df(df)
+        df = COLUMN_REQUIREMENTS.normalize_df(df)
         if not df.index.is_unique:
             raise JobDatabaseError(f"Job database {self!r}: duplicate index values in the dataframe")
         check_job_frame(df, source=repr(self))
         integer_index = pd.api.types.is_integer_dtype(df.index.dtype)
-        geometry = getattr(df, "_geometry_column_name", None) if hasattr(df, "crs") else None
+        geometry = getattr(df, "active_geometry_name", None) if hasattr(df, "crs") else None
         crs = df.crs.to_string() if geometry and df.crs is not None else None
         records = [self._record(index, row) for index, row in zip(df.index, df.to_dict("records"), strict=True)]
         with self._tx() as conn:
@@ -339,6 +359,8 @@ class SqlJobDatabase(JobDatabaseInterface):
             )
             for start in range(0, len(records), _CHUNK):
                 conn.execute(sa.insert(self.table), records[start : start + _CHUNK])
+            if self.engine.dialect.name == "postgresql":  # statistics now: a row's update finds it by its key
+                conn.execute(sa.text(f"ANALYZE {self.engine.dialect.identifier_preparer.quote(self.table_name)}"))
         self._schema_checked = True
         return self
 
@@ -346,12 +368,12 @@ class SqlJobDatabase(JobDatabaseInterface):
     def from_file(cls, path: str | Path, url: str | Path, table: str = "openeo_jobs", **kwargs: Any) -> SqlJobDatabase:
         """Import a CSV/Parquet/GeoParquet job database (geometry and statuses kept)."""
         db = cls(url, table, **kwargs)
-        return db.initialize_from_df(get_job_db(path).read())
+        return db.initialize_from_df(open_file(path).read())
 
     def export(self, path: str | Path) -> Path:
         """Write the whole table to a CSV/Parquet/GeoParquet file (by extension), atomically."""
         path = Path(path)
-        target = get_job_db(path)
+        target = open_file(path)
         if path.exists():
             raise FileExistsError(f"{path} exists")
         target.persist(self.read())
@@ -482,6 +504,86 @@ class SqlJobDatabase(JobDatabaseInterface):
                 "is newer than this worker's)"
             )
 
+    @property
+    def across_machines(self) -> bool:
+        """A database server is; an SQLite file is on one machine's disk."""
+        return self.engine.dialect.name != "sqlite"
+
+    @property
+    def job_db(self) -> SqlJobDatabase:
+        """The job database of this job store: itself."""
+        return self
+
+    def apply(self, patches: Sequence[Patch], held: pd.DataFrame | None = None) -> list:
+        """Apply patches row by row, each one conditional: only while the row still has the status the patch
+        expects and no other live worker holds it (``owner`` this worker's, none, or its lease over). One
+        UPDATE per row, no table lock; returns the indices whose patch landed. A row that ends (and owes no
+        download) is released by its owner in the same statement. The statements are built once per shape
+        (which cells, whether the row ends) and run with bound values."""
+        merged = [(index, patch) for index, patch in transitions.merge(patches).items() if patch]
+        if not merged:
+            return []
+        self._ready()
+        now = time.time()
+        landed = []
+        with self._tx(table_lock=False) as conn:
+            for index, patch in merged:
+                columns = tuple(sorted(k for k in patch.cells if k in COLUMNS))
+                data = {
+                    str(k): _plain(v) for k, v in patch.cells.items() if k not in COLUMNS and k not in WORKER_COLUMNS
+                }
+                status = patch.status or patch.expect  # the row's status after the patch, where known
+                if status is None:
+                    release = "unknown"
+                elif status not in TERMINAL or patch.cells.get(RESULTS, "") == "pending":
+                    release = "no"
+                else:
+                    release = "yes" if RESULTS in patch.cells else "unless-owed"
+                statement = self._patch_statement(columns, bool(data), patch.expect is not None, release)
+                params = {f"v_{k}": _plain(patch.cells[k]) for k in columns}
+                params.update(p_idx=_plain(index), p_me=self.worker_id, p_now=now, p_expect=patch.expect)
+                if data:
+                    params["p_data"] = json.dumps(data, default=str)
+                if conn.execute(statement, params).rowcount:
+                    landed.append(index)
+        return landed
+
+    def _patch_statement(self, columns: tuple[str, ...], data: bool, expect: bool, release: str) -> Any:
+        """The conditional UPDATE of one row for a patch of this shape (cached)."""
+        key = (columns, data, expect, release)
+        cached = self._statements.get(key)
+        if cached is not None:
+            return cached
+        t = self.table
+        values: dict[str, Any] = {k: sa.bindparam(f"v_{k}", type_=t.c[k].type) for k in columns}
+        if data:
+            values["data"] = self._merged_data(sa.bindparam("p_data", type_=sa.Text))
+        if release != "no":
+            ended = sa.true() if release in ("yes", "unless-owed") else t.c.status.in_(TERMINAL)
+            results = sa.bindparam(f"v_{RESULTS}") if RESULTS in columns else t.c.results
+            released = sa.true() if release == "yes" else sa.and_(ended, sa.func.coalesce(results, "") != "pending")
+            values["owner"] = None if release == "yes" else sa.case((released, None), else_=t.c.owner)
+            values["lease_until"] = None if release == "yes" else sa.case((released, None), else_=t.c.lease_until)
+        mine = sa.or_(t.c.owner == sa.bindparam("p_me"), t.c.owner.is_(None), t.c.lease_until < sa.bindparam("p_now"))
+        where = sa.and_(t.c.idx == sa.bindparam("p_idx"), mine)
+        if expect:
+            where = sa.and_(where, t.c.status == sa.bindparam("p_expect"))
+        statement = sa.update(t).where(where).values(**values)
+        self._statements[key] = statement
+        return statement
+
+    def _merged_data(self, patch_json: Any) -> Any:
+        """The ``data`` column with a JSON object's keys set (in the database: one statement, no read first)."""
+        data = self.table.c.data
+        text = patch_json if isinstance(patch_json, sa.BindParameter) else sa.literal(patch_json, sa.Text)
+        # bound as text, then cast: a JSONB parameter would be encoded once more
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            merged = sa.func.coalesce(sa.cast(data, JSONB), sa.cast(sa.literal("{}", sa.Text), JSONB))
+            return sa.cast(merged.op("||")(sa.cast(text, JSONB)), sa.Text)
+        return sa.func.json_patch(sa.func.coalesce(data, "{}"), text)
+
     def _held_by_another(self, owner: str | None, lease_until: float | None, now: float) -> bool:
         return bool(owner) and owner != self.worker_id and (lease_until or 0) >= now and not is_dead(owner)
 
@@ -547,7 +649,7 @@ class SqlJobDatabase(JobDatabaseInterface):
         active = t.c.status.in_(ACTIVE)
         if backends is not None:  # rows without a backend are included: the engine marks them
             active = sa.and_(active, self._on(backends))
-        with self._tx() as conn:
+        with self._tx(table_lock=False) as conn:
             conn.execute(
                 sa.update(t)
                 .where(active, self._takeable(conn, now))
@@ -566,7 +668,7 @@ class SqlJobDatabase(JobDatabaseInterface):
         if backends is not None:
             planned = sa.or_(t.c.planned_backend.in_(list(backends)), t.c.planned_backend.is_(None))
             unresolved = sa.and_(unresolved, planned)
-        with self._tx() as conn:
+        with self._tx(table_lock=False) as conn:
             conn.execute(
                 sa.update(t)
                 .where(unresolved, self._takeable(conn, now))
@@ -574,34 +676,48 @@ class SqlJobDatabase(JobDatabaseInterface):
             )
         return self._select(sa.and_(unresolved, t.c.owner == self.worker_id))
 
-    def claim_new(self, caps: Mapping[str, int], order: list[str], max_rows: int = 200) -> pd.DataFrame:
+    def claim_new(
+        self,
+        caps: Mapping[str, int],
+        order: list[str],
+        max_rows: int = 200,
+        new_at_most: Mapping[str, int] | None = None,
+    ) -> pd.DataFrame:
         """Atomically pick ``not_started`` rows for backends with free slots and record, on each, a creation
         token, the planned backend and this worker's claim; returns them (with ``planned_backend``).
 
         Free slots are the recorded budget less the active rows and unresolved creations of every worker,
-        capped by ``caps`` (this worker's own limit per backend, e.g. 0 while its lane is busy).
+        capped by ``caps`` (this worker's own limit per backend, e.g. 0 while its lane is busy); at most
+        ``new_at_most`` rows per backend are picked. Workers
+        that claimed within ``claimant_window`` seconds share a backend's budget fairly
+        (``placement.worker_room``); each claim records this worker among them.
         """
         self._ready()
         t = self.table
         now = time.time()
         with self._tx() as conn:
-            recorded = self._read_meta(conn).get("budgets") or {}
+            meta = self._read_meta(conn)
+            recorded = meta.get("budgets") or {}
+            workers = self._note_claimant(conn, meta.get(CLAIMANTS) or {}, now)
             budgets = {name: min(int(recorded.get(name, 0)), caps.get(name, 0)) for name in order}
-            active = dict(
-                conn.execute(
-                    sa.select(t.c.backend_name, sa.func.count())
-                    .where(t.c.status.in_(ACTIVE))
-                    .group_by(t.c.backend_name)
-                ).all()
-            )
-            unresolved = dict(
-                conn.execute(
-                    sa.select(t.c.planned_backend, sa.func.count())
-                    .where(t.c.status.in_(PENDING), t.c.create_token.is_not(None))
-                    .group_by(t.c.planned_backend)
-                ).all()
-            )
-            free = free_slots(budgets, active, unresolved)
+            # Active rows and unresolved creations hold a backend's slots: counted in one statement (one
+            # snapshot), as a row's patch may turn it from the one into the other meanwhile (no table lock).
+            holds = sa.case((t.c.status.in_(ACTIVE), t.c.backend_name), else_=t.c.planned_backend)
+            by_me = sa.func.coalesce(t.c.owner == self.worker_id, False)
+            held: dict[str, int] = collections.Counter()
+            mine: dict[str, int] = collections.Counter()
+            for backend, is_mine, count in conn.execute(
+                sa.select(holds, by_me, sa.func.count())
+                .where(sa.or_(t.c.status.in_(ACTIVE), sa.and_(t.c.status.in_(PENDING), t.c.create_token.is_not(None))))
+                .group_by(holds, by_me)
+            ).all():
+                held[backend] += count
+                if is_mine:
+                    mine[backend] += count
+            shared_budgets = {name: int(recorded.get(name, 0)) for name in order}
+            free, left = worker_room(free_slots(budgets, held, {}), shared_budgets, mine, workers, self._spare)
+            self._spare = {**self._spare, **left}
+            free = {name: min(f, (new_at_most or {}).get(name, f)) for name, f in free.items()}
             total = sum(max(0, f) for f in free.values())
             if total <= 0:
                 return self._select(sa.false())
@@ -617,16 +733,18 @@ class SqlJobDatabase(JobDatabaseInterface):
             for backend, indices in plan.items():
                 for index in indices:
                     token = new_token()
-                    conn.execute(
+                    taken = conn.execute(
                         sa.update(t)
-                        .where(t.c.idx == _plain(index))
+                        .where(t.c.idx == _plain(index), claimable)
                         .values(
                             owner=self.worker_id,
                             lease_until=now + self.lease_seconds,
                             planned_backend=backend,
                             create_token=token,
                         )
-                    )
+                    ).rowcount
+                    if not taken:  # changed since it was read (e.g. reset by hand): not this sweep's
+                        continue
                     candidates.at[index, "create_token"] = token
                     chosen.append((index, backend))
         if not chosen:
@@ -635,11 +753,32 @@ class SqlJobDatabase(JobDatabaseInterface):
         out["planned_backend"] = [b for _, b in chosen]
         return out
 
-    def unclaim(self, indices: Iterable[Any]) -> None:
+    @property
+    def claimant_window(self) -> float:
+        """A worker that has not claimed rows for this long (seconds) no longer counts for fair shares: two
+        of the longest gaps between a worker's sweeps."""
+        return 2 * settings.max_sweep_gap
+
+    def _note_claimant(self, conn: sa.Connection, claimants: Mapping[str, float], now: float) -> int:
+        """Record (under the table lock) that this worker claims rows now; the number of workers that did
+        within ``claimant_window`` seconds, this one included. Recorded again only when the record ages."""
+        window = self.claimant_window
+        live = {w: float(at) for w, at in claimants.items() if now - float(at) <= window}
+        if now - live.get(self.worker_id, -math.inf) > window / 4:
+            live[self.worker_id] = now
+            self._put_meta(conn, CLAIMANTS, live)
+        return len(live)
+
+    def _put_meta(self, conn: sa.Connection, key: str, value: Any) -> None:
+        """Write one meta value that no cached meta holds (the cache stays valid)."""
+        conn.execute(sa.delete(self.meta).where(self.meta.c.key == key))
+        conn.execute(sa.insert(self.meta).values(key=key, value=json.dumps(value)))
+
+    def unclaim(self, indices: Iterable[Any], held: pd.DataFrame | None = None) -> None:
         """Give back claimed ``not_started`` rows whose creation this worker did not begin after all."""
         t = self.table
         indices = [_plain(i) for i in indices]
-        with self._tx() as conn:
+        with self._tx(table_lock=False) as conn:
             conn.execute(
                 sa.update(t)
                 .where(t.c.idx.in_(indices), t.c.owner == self.worker_id, t.c.status.in_(PENDING))
@@ -656,17 +795,22 @@ class SqlJobDatabase(JobDatabaseInterface):
         t = self.table
         owed = self._owed(backends)
         excluded = [_plain(i) for i in exclude]
-        with self._tx() as conn:
+        with self._tx(table_lock=False) as conn:
             # no ORDER BY: the (status, results) index finds the few owed rows among many finished ones
-            query = sa.select(t.c.idx).where(owed, self._takeable(conn, now)).limit(limit)
+            takeable = self._takeable(conn, now)
+            query = sa.select(t.c.idx).where(owed, takeable).limit(limit)
             if excluded:
                 query = query.where(t.c.idx.not_in(excluded))
-            chosen = list(conn.execute(query).scalars())
-            if chosen:
-                conn.execute(
-                    sa.update(t)
-                    .where(t.c.idx.in_(chosen))
-                    .values(owner=self.worker_id, lease_until=now + self.lease_seconds)
+            candidates = list(conn.execute(query).scalars())
+            chosen = []
+            if candidates:  # taken only where still takeable: another worker may have taken some meanwhile
+                chosen = list(
+                    conn.execute(
+                        sa.update(t)
+                        .where(t.c.idx.in_(candidates), owed, takeable)
+                        .values(owner=self.worker_id, lease_until=now + self.lease_seconds)
+                        .returning(t.c.idx)
+                    ).scalars()
                 )
         return self._select(t.c.idx.in_(chosen)) if chosen else self._select(sa.false())
 
@@ -675,6 +819,26 @@ class SqlJobDatabase(JobDatabaseInterface):
         self._ready()
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).where(self._owed(backends))).scalar_one())
+
+    def waiting_rows(self) -> dict[str, int]:
+        """``not_started`` rows not claimed yet, by the backend they are pinned to (``""``: none)."""
+        self._ready()
+        t = self.table
+        name = sa.func.coalesce(t.c.backend_name, "")
+        query = (
+            sa.select(name, sa.func.count()).where(t.c.status.in_(PENDING), t.c.create_token.is_(None)).group_by(name)
+        )
+        with self.engine.connect() as conn:
+            return {str(k): int(n) for k, n in conn.execute(query)}
+
+    def count_results(self) -> dict[str, int]:
+        """Finished rows by the state of their result download (``results``; blank: ``""``)."""
+        self._ready()
+        t = self.table
+        results = sa.func.coalesce(t.c.results, "")
+        query = sa.select(results, sa.func.count()).where(t.c.status == "finished").group_by(results)
+        with self.engine.connect() as conn:
+            return {str(state): int(n) for state, n in conn.execute(query)}
 
     def work_left(self, statuses: list[str], backends: Iterable[str]) -> int:
         """Rows with one of ``statuses`` that a worker with ``backends`` may work on: on one of those, or on
@@ -720,9 +884,13 @@ class SqlJobDatabase(JobDatabaseInterface):
         t = self.table
         mine = t.c.owner == self.worker_id
         kept = [_plain(i) for i in keep]
-        with self._tx() as conn:
+        with self._tx(table_lock=False) as conn:
             where = sa.and_(mine, t.c.idx.not_in(kept)) if kept else mine
             conn.execute(sa.update(t).where(where).values(lease_until=0.0))
+        with self._tx() as conn:  # its share of the slots goes to the others now
+            claimants = dict(self._read_meta(conn).get(CLAIMANTS) or {})
+            if claimants.pop(self.worker_id, None) is not None:
+                self._put_meta(conn, CLAIMANTS, claimants)
 
     def drop(self) -> None:
         """Delete the table and its meta table (tests, tooling)."""
