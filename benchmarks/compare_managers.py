@@ -2,7 +2,11 @@
 
 Prints, for each manager in one run:
   * backend requests per job, by route; duplicate jobs created;
-  * makespan over the ideal makespan, ceil(jobs / total slots) x (queue + run duration);
+  * makespan over the ideal makespan, ceil(jobs / total slots) x (queue + run duration) (with ``--slower``,
+    the best static split of the jobs between backends of different speed);
+  * slot utilization: busy slot-seconds (a job's creation to its end, on the backend's clock) over the
+    available ones (slots x makespan), and the mean time from a job's end to the next job created in
+    its slot (the k-th end of a backend pairs with its (slots + k)-th creation);
   * CPU time of the manager process (the simulators run in a child process);
   * one loop's time at 1k/10k/100k rows (20 active jobs) per job database, split into HTTP and
     bookkeeping (everything else), and the peak RSS of that process.
@@ -58,16 +62,48 @@ def run_workload(name: str, urls: list[str], jobs: int, slots: int, poll: float,
     return {"wall": wall, "cpu": cpu, "statuses": result["status"].value_counts().to_dict(), "downloaded": downloaded}
 
 
+def best_static_split(jobs: int, slots: int, durations: list[float]) -> float:
+    """The makespan of the best split of ``jobs`` decided up front, each backend running its share in waves
+    of ``slots``: jobs go one by one where they end soonest (optimal for jobs of equal size)."""
+    counts = [0] * len(durations)
+    for _ in range(jobs):
+        best = min(range(len(durations)), key=lambda i: math.ceil((counts[i] + 1) / slots) * durations[i])
+        counts[best] += 1
+    return max(math.ceil(n / slots) * d for n, d in zip(counts, durations, strict=True))
+
+
+def slot_figures(jobs_per_backend: list[list[dict]], slots: int, wall: float) -> tuple[float, float]:
+    """Slot utilization (busy slot-seconds over available ones) and the mean refill delay (s)."""
+    busy, gaps = 0.0, []
+    for jobs in jobs_per_backend:
+        created = sorted(j["created_at"] for j in jobs)
+        ends = sorted(j["ended_at"] for j in jobs if j["ended_at"] is not None)
+        busy += sum(j["ended_at"] - j["created_at"] for j in jobs if j["ended_at"] is not None)
+        gaps += [max(0.0, c - e) for e, c in zip(ends, created[slots:], strict=False)]
+    available = slots * len(jobs_per_backend) * wall
+    return busy / available if available else 0.0, statistics.mean(gaps) if gaps else 0.0
+
+
 def workload_section(args) -> None:
     print(
         f"## Workload: {args.jobs} jobs, {args.backends} backends x {args.slots} slots, "
-        f"queue {args.queue} s + run {args.run} s, poll_sleep {args.poll} s"
+        f"queue {args.queue} s + run {args.run} s{f' (+-{args.jitter:.0%})' if args.jitter else ''}, "
+        f"poll_sleep {args.poll} s"
         f"{', job listings with usage' if args.listing_usage else ''}\n"
     )
-    ideal = math.ceil(args.jobs / (args.backends * args.slots)) * (args.queue + args.run)
+    factors = [args.slower] + [1.0] * (args.backends - 1)
+    ideal = best_static_split(args.jobs, args.slots, [(args.queue + args.run) * f for f in factors])
+    if args.slower != 1:
+        print(
+            f"The first backend (registered first) is {args.slower:g} times slower (queue and run); "
+            "ideal: the best static split.\n"
+        )
     rows = {}
-    config = {"queue_duration": args.queue, "run_duration": args.run, "capacity": args.slots}
+    config = {"queue_duration": args.queue, "run_duration": args.run, "capacity": args.slots, "jitter": args.jitter}
     with SimulatorProcess(args.backends, listing_usage=args.listing_usage, **config) as sims:
+        if args.slower != 1:
+            slow = {"queue_duration": args.queue * args.slower, "run_duration": args.run * args.slower}
+            sims.set_one(0, **slow)
         for name in MANAGERS:
             sims.reset()
             with tempfile.TemporaryDirectory() as tmp:
@@ -75,6 +111,7 @@ def workload_section(args) -> None:
             counts = collections.Counter()
             for c in sims.counts():
                 counts.update(c)
+            outcome["utilization"], outcome["refill"] = slot_figures(sims.jobs(), args.slots, outcome["wall"])
             rows[name] = (outcome, counts, sum(sims.created()))
     routes = sorted(set().union(*(c for _, c, _ in rows.values())), key=lambda r: -rows["openeo"][1].get(r, 0))
     print(f"| requests per job | {' | '.join(MANAGERS)} |")
@@ -89,6 +126,10 @@ def workload_section(args) -> None:
         f"| makespan / ideal ({ideal:.0f} s) | "
         + " | ".join(f"{rows[m][0]['wall'] / ideal:.2f}" for m in MANAGERS)
         + " |"
+    )
+    print("| slot utilization | " + " | ".join(f"{rows[m][0]['utilization']:.2f}" for m in MANAGERS) + " |")
+    print(
+        "| job end to next job in its slot (s) | " + " | ".join(f"{rows[m][0]['refill']:.2f}" for m in MANAGERS) + " |"
     )
     print("| CPU time (s) | " + " | ".join(f"{rows[m][0]['cpu']:.2f}" for m in MANAGERS) + " |")
     print(
@@ -238,6 +279,8 @@ def main() -> None:
     parser.add_argument("--queue", type=float, default=1.0)
     parser.add_argument("--run", type=float, default=5.0)
     parser.add_argument("--poll", type=float, default=0.5)
+    parser.add_argument("--jitter", type=float, default=0.0, help="relative jitter of durations (0.25: +-25%%)")
+    parser.add_argument("--slower", type=float, default=1.0, help="the first backend's queue and run, times this")
     parser.add_argument("--rows", default="1000,10000,100000", help="job database sizes for the loop section")
     parser.add_argument("--skip-workload", action="store_true")
     parser.add_argument(

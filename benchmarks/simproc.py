@@ -27,6 +27,11 @@ def _serve(conn, n: int, config_kwargs: dict) -> None:
                 for s in sims:
                     s.reset()
                 conn.send(None)
+            elif cmd == "set_one":
+                index, values = arg
+                for key, value in values.items():
+                    setattr(sims[index].config, key, value)
+                conn.send(None)
             elif cmd == "set":
                 for s in sims:
                     for key, value in arg.items():
@@ -66,6 +71,10 @@ class SimulatorProcess:
 
     def set(self, **config: Any) -> None:
         self._call("set", config)
+
+    def set_one(self, index: int, **config: Any) -> None:
+        """Change one backend's config (e.g. a slower one)."""
+        self._call("set_one", (index, config))
 
     def __exit__(self, *exc: Any) -> None:
         try:

@@ -6,6 +6,7 @@
 """
 
 from .config import SimulatorConfig
+from .faults import Fault
 from .server import BackendSimulator, serve, simulated_backends
 
-__all__ = ["BackendSimulator", "SimulatorConfig", "serve", "simulated_backends"]
+__all__ = ["BackendSimulator", "Fault", "SimulatorConfig", "serve", "simulated_backends"]

@@ -17,6 +17,7 @@ import uvicorn
 
 from .app import access_token, create_app
 from .config import SimulatorConfig
+from .faults import FaultInjector, Faults
 from .state import BackendState
 
 __all__ = ["BackendSimulator", "simulated_backends", "serve", "backend_name"]
@@ -40,7 +41,9 @@ class BackendSimulator:
         self._requested_port = port
         self.port: int | None = None
         self.state = BackendState(config if config is not None else SimulatorConfig())
-        self.app = create_app(self.state, name)
+        #: Misbehaviour on demand (``prefect_openeo.simulator.faults``): empty, the backend behaves.
+        self.faults = Faults()
+        self.app = FaultInjector(create_app(self.state, name), self.faults)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
