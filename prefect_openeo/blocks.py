@@ -18,7 +18,17 @@ from pydantic import Field, SecretStr
 
 
 class OpenEOBackend(Block):
-    """An openEO backend: its URL and how to authenticate (secrets are stored encrypted)."""
+    """An openEO backend: its URL and how to authenticate (secrets are stored encrypted).
+
+    Example:
+        Load a saved block and connect to its backend:
+        ```python
+        from prefect_openeo import OpenEOBackend
+
+        backend = OpenEOBackend.load("BLOCK_NAME")
+        connection = backend.get_connection()
+        ```
+    """
 
     _block_type_name = "openEO Backend"
     _block_type_slug = "openeo-backend"

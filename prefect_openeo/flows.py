@@ -24,8 +24,7 @@ from pydantic import Field
 from pydantic.json_schema import SkipJsonSchema
 
 from prefect_openeo.fanout import cancel_fan_out_workers, check_shareable, fan_out
-from prefect_openeo.jobdb.local import JobDatabaseBusy
-from prefect_openeo.jobdb.sql import SqlJobDatabase
+from prefect_openeo.jobdb.errors import JobDatabaseBusy
 from prefect_openeo.manager import MultiBackendJobManager
 from prefect_openeo.outcome import check_threshold, final_state
 from prefect_openeo.parameters import (
@@ -241,54 +240,91 @@ def for_this_run(job_db: Any) -> Any:
 
     if not isinstance(job_db, (str, Path)) or not flow_run.id:
         return job_db
-    from prefect_openeo.jobdb import resolve_job_db
+    from prefect_openeo.jobdb import for_worker, resolve_job_db
 
     db = resolve_job_db(job_db)
-    return SqlJobDatabase(db.url, worker_id=str(flow_run.id)) if isinstance(db, SqlJobDatabase) else job_db
+    opened = for_worker(db, str(flow_run.id))
+    return job_db if opened is db else opened
 
 
 def cancel_backend_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     """``on_cancellation`` hook: with ``cancel_backend_jobs=True``, cancel the run's active backend jobs too
     and mark their rows ``canceled``. Without it, active rows stay as they are and a later run tracks them
     (the job database is always consistent: every write is atomic)."""
-    from prefect_openeo.frames import blank, set_cell
-    from prefect_openeo.jobdb import resolve_job_db
+    params = flow_run.parameters or {}
+    if params.get("cancel_backend_jobs"):
+        cancel_active_jobs(str(flow_run.id), params)
+
+
+def cancel_active_jobs(run_id: str, params: Mapping[str, Any]) -> int:
+    """Cancel the backend jobs that the flow run ``run_id`` (with parameters ``params``) was tracking and mark
+    their rows ``canceled``; how many rows were."""
+    from prefect_openeo import transitions
+    from prefect_openeo.backends import Backend
+    from prefect_openeo.frames import blank
+    from prefect_openeo.jobdb import open_store, resolve_job_db
     from prefect_openeo.states import ACTIVE
+    from prefect_openeo.steps import cancel_job
 
     log = logging.getLogger("prefect_openeo")
-    params = flow_run.parameters or {}
-    if not params.get("cancel_backend_jobs"):
-        return
     job_db = params.get("job_db")
     if not isinstance(job_db, (str, JobDatabaseInterface)) or _described(job_db):
         log.warning("cancel_backend_jobs: the job database is not known to the hook")
-        return
-    db = resolve_job_db(job_db)
-    if isinstance(db, SqlJobDatabase):  # shared: only the jobs this flow run was tracking, not other workers'
-        rows = db.held_by_run(str(flow_run.id), ACTIVE).copy()
-    else:  # a file job database has one run at a time (JobDatabaseBusy)
-        rows = db.get_by_status(statuses=list(ACTIVE)).copy()
+        return 0
+    store = open_store(resolve_job_db(job_db))
+    # A shared store: only the jobs this flow run was tracking, not other workers'; a file job database has
+    # one run at a time (JobDatabaseBusy), so its active rows are this run's.
+    rows = store.held_by_run(run_id, ACTIVE).copy()
     backends = {
-        name: connect(spec, name)
+        name: Backend(name, connect(spec, name), parallel_jobs=1)
         for name, spec in (params.get("backends") or {}).items()
         if not _described(spec)  # a live connection given in-process is not stored: its jobs are left as they are
     }
-    connections: dict[str, Connection] = {}
+    patches = []
     for index, row in rows.iterrows():
         name, job_id = row.get("backend_name"), row.get("id")
         if blank(job_id) or name not in backends:
             continue
         try:
-            if name not in connections:
-                spec = backends[name]
-                connections[name] = spec if isinstance(spec, Connection) else spec()
-            connections[name].job(job_id).stop()
-            rows.at[index, "status"] = "canceled"
-            set_cell(rows, index, "message", "canceled with its flow run")
+            cancel_job(backends[name], job_id)  # through the backend's connection: retries, re-authentication
+            patches.append(transitions.canceled(row, index, "canceled with its flow run"))
         except Exception as e:
             log.warning(f"Could not cancel job {job_id} on {name}: {e!r}")
-    db.persist(rows)
-    log.info(f"Canceled {(rows['status'] == 'canceled').sum()} backend job(s) with the flow run")
+    landed = store.apply(patches, rows)
+    log.info(f"Canceled {len(patches)} backend job(s) with the flow run; {len(landed)} row(s) recorded canceled")
+    return len(landed)
+
+
+def carry_state(state: Any) -> Any:
+    """A new state of the same type, name and message as ``state`` (a subflow's), holding its result: what a
+    parent flow returns to end as its subflow ended (Prefect would aggregate a returned subflow state into
+    "All states completed.")."""
+    from prefect.states import State
+
+    data = state.result(raise_on_failure=False) if state.is_completed() or state.is_failed() else None
+    return State(type=state.type, name=state.name, message=state.message, data=data)
+
+
+def _cancelled(why: str, job_db: Any, backends: Mapping[str, Any], cancel_jobs: bool) -> Any:
+    """The final state of a run that stopped because it was asked to cancel (``CancelWatch``): its active backend
+    jobs canceled where ``cancel_jobs``, else left to a later run; the message says which."""
+    from prefect.runtime import flow_run
+
+    from prefect_openeo.jobdb import resolve_job_db
+    from prefect_openeo.jobdb.store import open_store
+    from prefect_openeo.states import ACTIVE
+
+    logger = get_run_logger()
+    if cancel_jobs:
+        named = str(job_db) if isinstance(job_db, Path) else job_db
+        canceled = cancel_active_jobs(str(flow_run.id), {"job_db": named, "backends": backends})
+        left = f"{canceled} active backend job(s) canceled"
+    else:
+        active = open_store(resolve_job_db(job_db)).held_by_run(str(flow_run.id), ACTIVE)
+        left = f"{len(active)} active backend job(s) left running (a later run tracks them)"
+    message = f"Cancelled: {why}; no more jobs created, {left}"
+    logger.warning(message)
+    return Cancelled(message=message)
 
 
 @openeo_flow(
@@ -399,6 +435,7 @@ def run_openeo_jobs(
         cancel_running_job_after=cancel_running_job_after,
         retry_failed_jobs=retry_failed_jobs,
         retry_backoff=retry_backoff,
+        stac_catalog=True,
     )
     manager.global_concurrency = global_concurrency
     for name, connection in connections.items():
@@ -412,6 +449,10 @@ def run_openeo_jobs(
         logger.warning(f"{e}: this run leaves it to that one and ends")
         return Cancelled(message=f"{e}: this run leaves it to that one and ends")
     logger.info(f"Run stats: {dict(stats)}")
+    if manager.cancel_requested:
+        return _cancelled(manager.cancel_requested, job_db, backends, cancel_backend_jobs)
     from prefect_openeo.jobdb import resolve_job_db
+    from prefect_openeo.jobdb.store import open_store
 
-    return final_state(resolve_job_db(job_db).count_by_status(), stats, fail_when_failed_rows)
+    store = open_store(resolve_job_db(job_db))
+    return final_state(store.job_db.count_by_status(), stats, fail_when_failed_rows, store.count_results())

@@ -9,6 +9,7 @@ set it lower or higher in the UI (Concurrency) to change the budget of all deplo
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -21,11 +22,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectNotFound
 
 from prefect_openeo.engine import SlotGate
+from prefect_openeo.settings import settings
 
 _log = logging.getLogger("prefect_openeo")
-
-#: Lease length (seconds); renewed when less than a third is left.
-LEASE_SECONDS = 900.0
 
 
 def limit_name(backend: str) -> str:
@@ -39,12 +38,23 @@ class GlobalConcurrencyGate(SlotGate):
     them goes through one background thread, so the Prefect API's latency never holds up the sweeps.
     """
 
-    def __init__(self, parallel_jobs: dict[str, int], lease_seconds: float = LEASE_SECONDS):
-        self.lease_seconds = lease_seconds
+    def __init__(self, parallel_jobs: dict[str, int], lease_seconds: float | None = None, poll_sleep: float = 60.0):
+        #: Lease length (seconds); renewed when less than a third is left.
+        self.lease_seconds = settings.concurrency_lease_seconds if lease_seconds is None else lease_seconds
+        #: How long slots this run gave back stay left to other runs' waiting acquisitions: a few sweeps.
+        self.yield_seconds = max(2.0, 3.0 * poll_sleep)
         self._client = get_client(sync_client=True)
         self._client.__enter__()
-        self._leases: dict[Any, tuple[UUID, float]] = {}
+        #: Per row: its lease, when it was last renewed, and its backend.
+        self._leases: dict[Any, tuple[UUID, float, str]] = {}
+        #: Per backend: slots this run gave back (their release landed) that it leaves to waiting runs, and since when.
+        self._owed: dict[str, tuple[int, float]] = {}
+        #: Per backend: when the limit last refused this run a slot.
+        self._denied_at: dict[str, float] = {}
         self._lock = threading.Lock()
+        #: Per backend: releases queued whose call has not ended yet (``acquire`` waits for them).
+        self._releasing: dict[str, int] = {}
+        self._released = threading.Condition(self._lock)
         self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="prefect-openeo-limits", daemon=True)
         self._thread.start()
@@ -67,6 +77,12 @@ class GlobalConcurrencyGate(SlotGate):
                 _log.warning(f"Global concurrency limit: {e!r}")
 
     def acquire(self, backend: str, indices: list) -> list:
+        """Slots for ``indices``, one lease each, while the limit has free ones (``_room_beside_waiters``).
+        Slots this run gave back are first seen given back (their calls end), up to a few seconds."""
+        with self._released:
+            self._released.wait_for(lambda: not self._releasing.get(backend), timeout=5.0)
+        if indices:
+            indices = indices[: self._room_beside_waiters(backend, len(indices))]
         granted = []
         for index in indices:
             try:
@@ -75,30 +91,76 @@ class GlobalConcurrencyGate(SlotGate):
                 )
             except Exception as e:
                 status = getattr(getattr(e, "response", None), "status_code", None)
-                if status != 423:  # 423: no slot free now
+                if status == 423:  # no slot free now
+                    with self._lock:
+                        self._denied_at[backend] = time.monotonic()
+                else:
                     _log.warning(f"Could not take a slot of {limit_name(backend)!r}: {e!r}")
                 break
             with self._lock:
-                self._leases[index] = (UUID(response.json()["lease_id"]), time.monotonic())
+                self._leases[index] = (UUID(response.json()["lease_id"]), time.monotonic(), backend)
             granted.append(index)
         return granted
+
+    def _room_beside_waiters(self, backend: str, wanted: int) -> int:
+        """How many of ``wanted`` slots to try for. Fair to other runs: the slots this run gave back are left free
+        while another run's acquisitions were refused (the limit's ``denied_slots``), for ``yield_seconds`` at
+        most, until others took them; so the run whose job ended does not take every slot back in the sweeps
+        after it freed them. A run that was refused a slot itself lately waits as well and leaves nothing."""
+        now = time.monotonic()
+        with self._lock:
+            owed, since = self._owed.get(backend, (0, now))
+            waits_too = now - self._denied_at.get(backend, -math.inf) < self.yield_seconds
+            if not owed or waits_too or now - since > self.yield_seconds:
+                self._owed.pop(backend, None)
+                return wanted
+        try:
+            limit = self._client.read_global_concurrency_limit_by_name(limit_name(backend))
+        except Exception as e:  # the API is slow or away: try for them all, as without waiters
+            _log.debug(f"Could not read {limit_name(backend)!r}: {e!r}")
+            return wanted
+        free = max(0, limit.limit - limit.active_slots)
+        owed = min(owed, free)  # the rest were taken by others meanwhile
+        with self._lock:
+            if not owed or not limit.denied_slots:
+                self._owed.pop(backend, None)
+                return wanted
+            self._owed[backend] = (owed, since)
+        return max(0, min(wanted, free - owed))
+
+    def _owe(self, backend: str) -> None:
+        """A slot of ``backend`` was given back: leave it to waiting runs (``_room_beside_waiters``)."""
+        with self._lock:
+            owed, since = self._owed.get(backend, (0, time.monotonic()))
+            self._owed[backend] = (owed + 1, since)
 
     def release(self, index: Any) -> None:
         with self._lock:
             lease = self._leases.pop(index, None)
+            if lease is not None:
+                self._releasing[lease[2]] = self._releasing.get(lease[2], 0) + 1
         if lease is not None:
-            self._calls.put(lambda: self._client.release_concurrency_slots_with_lease(lease[0]))
+            self._calls.put(lambda: self._release(*lease))
+
+    def _release(self, lease_id: UUID, _renewed: float, backend: str) -> None:
+        try:
+            self._client.release_concurrency_slots_with_lease(lease_id)
+            self._owe(backend)
+        finally:
+            with self._released:
+                self._releasing[backend] -= 1
+                self._released.notify_all()
 
     def renew(self) -> None:
         now = time.monotonic()
         with self._lock:
             due = [
                 (i, lease_id)
-                for i, (lease_id, renewed) in self._leases.items()
+                for i, (lease_id, renewed, _) in self._leases.items()
                 if now - renewed > self.lease_seconds / 3
             ]
             for index, lease_id in due:
-                self._leases[index] = (lease_id, now)
+                self._leases[index] = (lease_id, now, self._leases[index][2])
         for _, lease_id in due:
             self._calls.put(
                 lambda lease_id=lease_id: self._client.renew_concurrency_lease(lease_id, self.lease_seconds)

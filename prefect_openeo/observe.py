@@ -4,7 +4,7 @@
   follows the backend job; a failed job's state message and a log line of its task run say why.
 - An ``openeo.job.<status>`` event per transition, for Automations.
 - One artifact card per kind: progress, a table of rows by backend and status with costs and usage
-  (refreshed at most every ``TABLE_INTERVAL`` seconds, never reading the job database every sweep), a final
+  (refreshed at most every ``settings.table_interval`` seconds, never reading the job database every sweep), a final
   summary (what the run came to, why rows failed, where the results are) and pictures.
 
 The engine's loop only hands updates over: one background ``Reporter`` per run sends them
@@ -31,9 +31,10 @@ from prefect.context import FlowRunContext
 
 from prefect_openeo.engine import Observer
 from prefect_openeo.outcome import FAILED_STATUSES, RunOutcome
-from prefect_openeo.reasons import shorten
-from prefect_openeo.report import usage_number
+from prefect_openeo.reasons import MAX_REASON, shorten
+from prefect_openeo.report import readable_number, usage_number
 from prefect_openeo.reporter import Reporter, RowUpdate, Unreported, prefect_state
+from prefect_openeo.settings import settings
 from prefect_openeo.states import ALL, TERMINAL
 from prefect_openeo.tasks import JOB_TAG, backend_tag
 
@@ -41,12 +42,9 @@ _log = logging.getLogger("prefect_openeo")
 
 __all__ = ["PrefectObserver", "openeo_batch_job", "prefect_state", "status_table", "summary_markdown"]
 
-#: Seconds between refreshes of the status table, at least (and at least ``TABLE_READ_SHARE`` times as
-#: long as reading the rows for it took: a big SQL job database is read rarely).
-TABLE_INTERVAL = 10.0
+#: The status table is refreshed at most every ``settings.table_interval`` seconds, and at most once per
+#: ``TABLE_READ_SHARE`` times as long as reading the rows for it took (a big SQL job database is read rarely).
 TABLE_READ_SHARE = 20
-#: Longest wait at the end of a run for what is still to be reported (seconds).
-FLUSH_TIMEOUT = 60.0
 #: How many rows the final summary lists, at most: finished (with links), failed (with reasons).
 SUMMARY_LINK_LIMIT = 200
 SUMMARY_FAILED_LIMIT = 50
@@ -99,8 +97,8 @@ class PrefectObserver(Observer):
         context = FlowRunContext.get()
         flow_run_id = context.flow_run.id if context and context.flow_run else None
         self.job_dir, self.root, self.catalog = job_dir, root, catalog
-        self.flush_timeout = FLUSH_TIMEOUT if flush_timeout is None else flush_timeout
-        self.table_interval = TABLE_INTERVAL if table_interval is None else table_interval
+        self.flush_timeout = settings.flush_timeout if flush_timeout is None else flush_timeout
+        self.table_interval = settings.table_interval if table_interval is None else table_interval
         self.reporter = reporter or Reporter(
             flow_run_id,
             openeo_batch_job,
@@ -108,7 +106,8 @@ class PrefectObserver(Observer):
             name=job_run_name,
             tags=job_run_tags,
         )
-        self._key = artifact_key(f"openeo-jobs-{context.flow.name if context else 'run'}")
+        name = context.flow.name if context else "jobs"
+        self._key = artifact_key(name if "openeo" in name else f"openeo-{name}")
         self._histogram: dict | None = None
         self._table_histogram: dict | None = None
         self._next_table = 0.0
@@ -134,8 +133,13 @@ class PrefectObserver(Observer):
     def _progress(self, histogram: dict) -> None:
         total = sum(histogram.values())
         done = sum(v for k, v in histogram.items() if k in TERMINAL)
+        failed = sum(v for k, v in histogram.items() if k in FAILED_STATUSES)
         progress = round(100.0 * done / total, 1) if total else 100.0
-        self.reporter.artifact(f"{self._key}-progress", "progress", progress, "Rows ended / all rows")
+        finished = histogram.get("finished", 0)
+        skipped = done - finished - failed
+        counts = f"{finished} finished, {failed} failed" + (f", {skipped} skipped" if skipped else "")
+        counts += f", {total - done} to go, of {total} rows"
+        self.reporter.artifact(f"{self._key}-progress", "progress", progress, f"Rows ended: {counts}")
 
     def _table(self, rows: pd.DataFrame) -> None:
         self.reporter.artifact(
@@ -158,6 +162,7 @@ class PrefectObserver(Observer):
                 ),
                 "Summary of the openEO job run: what it came to, why rows failed, where the results are",
                 once=True,
+                on_parent=True,
             )
             self.reporter.artifact(
                 f"{self._key}-pictures",
@@ -210,9 +215,25 @@ def status_table(df: pd.DataFrame) -> list[dict]:
                 values = mine[column].dropna()
                 unit = next((str(v).split(" ", 1)[1] for v in values if " " in str(v)), "")
                 total = sum(n for n in (usage_number(v) for v in values) if n is not None)
-                record[column] = f"{total:g} {unit}".strip()
+                record[column] = f"{readable_number(total)} {unit}".strip()
         records.append(record)
     return records
+
+
+def tile_bounds(row: pd.Series) -> str:
+    """A row's tile as ``west, south, east, north`` (its ``geometry``, else those columns), to find it on the
+    map and in the job database; "" without either."""
+    geometry = row.get("geometry")
+    if geometry is not None and hasattr(geometry, "bounds") and not getattr(geometry, "is_empty", True):
+        bounds = geometry.bounds
+    elif all(k in row.index for k in ("west", "south", "east", "north")):
+        bounds = tuple(row[k] for k in ("west", "south", "east", "north"))
+    else:
+        return ""
+    try:
+        return ", ".join(f"{float(v):.4f}" for v in bounds)
+    except (TypeError, ValueError):
+        return ""
 
 
 def _cell(value: Any, limit: int = SUMMARY_REASON) -> str:
@@ -244,7 +265,9 @@ def summary_markdown(
     """A markdown summary: what the run came to, counts by status and backend, why rows failed (the backend's
     reasons), rows needing attention, where the results are (and their STAC collection), the run stats."""
     histogram = df["status"].value_counts().to_dict() if not df.empty else {}
-    lines = ["# openEO job run", "", f"**{RunOutcome(histogram).message}**", ""]
+    finished = df[df["status"] == "finished"] if "results" in df.columns and not df.empty else df.iloc[0:0]
+    results = finished["results"].fillna("").value_counts().to_dict() if not finished.empty else {}
+    lines = ["# openEO job run", "", f"**{RunOutcome(histogram, results).message}**", ""]
     lines += ["| status | rows |", "|---|---:|"]
     lines += [f"| {status} | {count} |" for status, count in sorted(histogram.items())]
     table = status_table(df)
@@ -255,15 +278,25 @@ def summary_markdown(
     failed = df[df["status"].isin(FAILED_STATUSES)] if not df.empty else df
     if not failed.empty:
         messages = failed["message"] if "message" in failed.columns else pd.Series(None, index=failed.index)
-        reasons = messages.map(lambda m: _cell(m) or "(no reason recorded)")
+        reasons = messages.map(lambda m: _cell(m, MAX_REASON) or "(no reason recorded)")  # whole, as recorded
         lines += ["", "## Why rows failed", "", "| reason | rows |", "|---|---:|"]
         counted = reasons.value_counts()
         lines += [f"| {reason} | {count} |" for reason, count in counted.head(10).items()]
         if len(counted) > 10:
             lines.append(f"| ... {len(counted) - 10} more reasons | {int(counted.iloc[10:].sum())} |")
-        lines += ["", "| row | backend | job | status | reason |", "|---|---|---|---|---|"]
-        for index, row in failed.head(SUMMARY_FAILED_LIMIT).iterrows():
-            cells = [index, row.get("backend_name"), row.get("id"), row["status"]]
+        shown = failed.head(SUMMARY_FAILED_LIMIT)
+        tiles = {index: tile_bounds(row) for index, row in shown.iterrows()}
+        tile_column = ["tile (W, S, E, N)"] if any(tiles.values()) else []  # to find the tile on the map
+        header = ["row", *tile_column, "backend", "job", "status", "reason"]
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for index, row in shown.iterrows():
+            cells = [
+                index,
+                *([tiles[index]] if tile_column else []),
+                row.get("backend_name"),
+                row.get("id"),
+                row["status"],
+            ]
             lines.append("| " + " | ".join(_cell(c, 60) for c in cells) + f" | {reasons[index]} |")
         if len(failed) > SUMMARY_FAILED_LIMIT:
             lines.append(

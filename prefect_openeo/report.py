@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from prefect_openeo.outcome import FAILED_STATUSES
 from prefect_openeo.states import ACTIVE, ALL
 
 if TYPE_CHECKING:
@@ -43,8 +44,14 @@ def usage_number(text: Any) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def readable_number(value: float) -> str:
+    """A total for people: ``1,618,240`` rather than ``1.61824e+06``; small values as they are (``0.25``)."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:g}"
+
+
 def summary(df: pd.DataFrame) -> dict[str, Any]:
-    """Counts by status and backend, running times, usage and costs totals, rows with problems."""
+    """Counts by status and backend, finished rows by download state (``results``), running times of the jobs
+    running now, usage and costs totals, rows with problems."""
     backend = df["backend_name"].fillna("(none)") if "backend_name" in df.columns else pd.Series("(none)", df.index)
     counts = {str(k): int(v) for k, v in df["status"].value_counts().items()}
     by_backend = {
@@ -66,6 +73,12 @@ def summary(df: pd.DataFrame) -> dict[str, Any]:
         str(i): round((now - pd.Timestamp(t)).total_seconds())
         for i, t in running["running_start_time"].dropna().items()
     }
+    finished = df[df["status"] == "finished"]
+    downloads = (
+        {str(k): int(v) for k, v in finished["results"].fillna("not recorded").value_counts().items()}
+        if "results" in df.columns
+        else {}
+    )
     problems = []
     if "message" in df.columns:
         for index, row in df[df["message"].notna() & (df["message"] != "")].iterrows():
@@ -81,6 +94,7 @@ def summary(df: pd.DataFrame) -> dict[str, Any]:
         "usage_units": units,
         "costs": costs,
         "running_seconds": running_for,
+        "results": downloads,
         "problems": problems,
     }
 
@@ -415,6 +429,18 @@ def _map_axes(fig: Figure, ratio: float, entries: int) -> tuple[Axes, dict[str, 
     return ax, {"loc": "upper center", "bbox_to_anchor": (0.5, -(m["bottom"] - 8) / map_h), "ncol": min(4, entries)}
 
 
+#: Up to this many tiles each is labelled with its row (its index in the job database); above, the failed ones.
+LABELLED_TILES = 100
+
+
+def _label_tiles(ax: Axes, tiles: pd.DataFrame, statuses: pd.Series) -> None:
+    """Each tile's row at its centre, so a red tile can be found in the job database and the failure table:
+    every tile up to ``LABELLED_TILES``, else the first ``LABELLED_TILES`` failed ones."""
+    labelled = tiles if len(tiles) <= LABELLED_TILES else tiles[statuses.isin(FAILED_STATUSES)].head(LABELLED_TILES)
+    for index, point in labelled.geometry.representative_point().items():
+        ax.annotate(str(index), (point.x, point.y), ha="center", va="center", fontsize=7, color="#252525")
+
+
 def map_figure(df: pd.DataFrame, *, width: int = 1000, height: int = 800) -> Figure:
     """The tiles coloured by status on lon/lat axes, the outline of the area they cover, and a legend."""
     import geopandas as gpd
@@ -443,6 +469,7 @@ def map_figure(df: pd.DataFrame, *, width: int = 1000, height: int = 800) -> Fig
         handles.append(Patch(color=colour, label=f"{status} ({len(mine)})"))
     if _outline(ax, tiles) is not None:
         handles.append(Line2D([], [], color="black", linewidth=1.2, label="area covered (union of the tiles)"))
+    _label_tiles(ax, tiles, statuses)
     ax.set_xlim(west - margin, east + margin)
     ax.set_ylim(south - margin, north + margin)
     ax.set_aspect(aspect)

@@ -27,14 +27,11 @@ from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate, LogCr
 from prefect.events import emit_event
 from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
 
+from prefect_openeo.settings import settings
 from prefect_openeo.states import TERMINAL
 
 _log = logging.getLogger("prefect_openeo")
 
-#: How long the reporter lets updates gather before sending them (seconds).
-LINGER = 0.3
-#: Events waiting to be sent, at most (then non-terminal ones are dropped).
-MAX_EVENTS = 10_000
 #: Waits after a failed request: the first, and the longest (seconds).
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
@@ -78,8 +75,11 @@ class RowUpdate:
 
 
 def coalesce(updates: list[RowUpdate]) -> list[RowUpdate]:
-    """A row's waiting updates: its terminal ones, in order, and the latest."""
-    return [u for u in updates[:-1] if u.terminal] + updates[-1:]
+    """A row's waiting updates: its first ``running`` one (Prefect takes a task run's start time and run
+    count from its Running state: without it a job that ran while the API was away or the reporter behind
+    shows 0 s), its terminal ones, in order, and the latest."""
+    first_running = next((u for u in updates[:-1] if u.status == "running"), None)
+    return [u for u in updates[:-1] if u.terminal or u is first_running] + updates[-1:]
 
 
 @dataclass
@@ -90,6 +90,8 @@ class _Artifact:
     #: The data, or a function that makes it (called in the reporter's thread: e.g. drawing pictures).
     data: Any
     once: bool = False
+    #: Also on the flow run this one is a subflow of (e.g. tile-and-run's): the run a user lands on shows it.
+    on_parent: bool = False
 
 
 @dataclass
@@ -138,14 +140,16 @@ class Reporter:
         *,
         name: Callable[[RowUpdate], str] = lambda u: f"row {u.index}",
         tags: Callable[[RowUpdate], list[str]] = lambda u: [],
-        max_events: int = MAX_EVENTS,
-        linger: float = LINGER,
+        max_events: int | None = None,
+        linger: float | None = None,
     ):
         self.flow_run_id = flow_run_id
         self._task = task
         self._client_factory = client_factory
         self._name, self._tags = name, tags
-        self._max_events, self._linger = max_events, linger
+        #: Events waiting to be sent, at most (then non-terminal ones are dropped); how long updates gather.
+        self._max_events = settings.reporter_max_events if max_events is None else max_events
+        self._linger = settings.reporter_linger if linger is None else linger
         self._lock = threading.Condition()
         self._rows: dict[Any, list[RowUpdate]] = {}
         self._events: collections.deque[RowUpdate] = collections.deque()
@@ -184,13 +188,16 @@ class Reporter:
         with self._lock:
             return self._ids.get(index)
 
-    def artifact(self, key: str, type: str, data: Any, description: str = "", *, once: bool = False) -> None:
+    def artifact(
+        self, key: str, type: str, data: Any, description: str = "", *, once: bool = False, on_parent: bool = False
+    ) -> None:
         """Create the artifact ``key`` (``progress``, ``table``: JSON-able records, ``markdown``), or update it
         in place (one card per key): only the latest data waiting is sent. ``data`` may be a function that
-        makes it. ``once``: created once, never updated (e.g. the summary)."""
+        makes it. ``once``: created once, never updated (e.g. the summary). ``on_parent``: also created on the
+        flow run this one is a subflow of, if any."""
         with self._lock:
             self._start()
-            self._artifacts[key] = _Artifact(key, type, description, data, once)
+            self._artifacts[key] = _Artifact(key, type, description, data, once, on_parent)
             self._lock.notify()
 
     def _start(self) -> None:
@@ -382,4 +389,23 @@ class Reporter:
             )
             self._artifact_ids[artifact.key] = created.id
         else:
-            client.update_artifact(artifact_id, ArtifactUpdate(data=data))
+            client.update_artifact(artifact_id, ArtifactUpdate(data=data, description=artifact.description))
+        parent = self._parent_flow_run_id(client) if artifact.on_parent else None
+        if parent is not None:
+            client.create_artifact(
+                ArtifactCreate(
+                    key=artifact.key,
+                    type=artifact.type,
+                    description=f"{artifact.description} (of subflow run {self.flow_run_id})",
+                    data=data,
+                    flow_run_id=parent,
+                )
+            )
+            artifact.on_parent = False  # sent: not again if a later batch fails
+
+    def _parent_flow_run_id(self, client: Any) -> uuid.UUID | None:
+        """The flow run that this reporter's flow run is a subflow of (None: none, or no flow run)."""
+        if self.flow_run_id is None:
+            return None
+        parent_task = client.read_flow_run(self.flow_run_id).parent_task_run_id
+        return client.read_task_run(parent_task).flow_run_id if parent_task is not None else None

@@ -1,19 +1,17 @@
 """Prefect tasks for the lifecycle steps of openEO batch jobs.
 
-Inside a flow run, a backend's work of one sweep (reconcile, sweep statuses, cancel, start, create: what
-``prefect_openeo.lanes.BackendWork`` does) is one task run; every job has its own task run whose state
-follows the backend job (``prefect_openeo.observe``). Work that will not ask the backend anything (a sweep
-that can learn nothing yet) runs without a task run. Result downloads run as plain functions, retried by the
-engine as outside a flow run: a task run per download meant three more state records per job for the
-Prefect server, which at 1,000 jobs kept a SQLite server too busy to record the jobs' own states in time
-(a failed download shows in the row's message and the run's summary).
+Inside a flow run, a backend's work of one sweep (what ``prefect_openeo.lanes.BackendWork`` does: reconcile,
+sweep statuses, cancel, start, create) is one task run; every job has its own task run whose state follows
+the backend job (``prefect_openeo.observe``). The rules:
 
-The task runs in a worker thread (the backend's lane), where Prefect cannot enforce ``timeout_seconds``:
-every request has a timeout instead (openeo's default: 20 minutes). Nothing is cached. It carries no tags:
-Prefect takes a slot of each tag's concurrency limit through the API before a tagged task runs, a round trip
-per task run that held sweeps up (the per-job task runs, created and never run, carry the tags). It is not
-retried by Prefect: it calls the user's ``start_job``, which is not idempotent (a retry could create a
-second backend job), and the next sweep tries again anyway.
+- Work that will not ask the backend anything (a sweep that can learn nothing yet) has no task run.
+- Result downloads have no task run: a download's outcome is a patch of its row (``results``), retried by
+  the engine as outside a flow run, and shown in the row's message and the run's summary.
+- The sweep task runs in the backend's lane (a worker thread), where Prefect cannot enforce
+  ``timeout_seconds``: every request carries its own timeout instead.
+- It is never cached, carries no tags (a tag's concurrency limit would cost an API round trip per task run)
+  and is never retried by Prefect: it calls the user's ``start_job``, which is not idempotent, and the next
+  sweep tries again anyway.
 """
 
 from __future__ import annotations

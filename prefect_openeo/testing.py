@@ -16,11 +16,17 @@ __all__ = ["free_port", "local_prefect_server"]
 
 @contextlib.contextmanager
 def local_prefect_server(
-    home: str, *, extra_env: dict[str, str] | None = None, ui: bool = False, timeout: float = 180
+    home: str,
+    *,
+    extra_env: dict[str, str] | None = None,
+    ui: bool = False,
+    timeout: float = 180,
+    port: int | None = None,
 ) -> Iterator[tuple[str, dict[str, str]]]:
     """``prefect server start`` on 127.0.0.1 with its home (and SQLite database, unless ``extra_env`` names
-    another) in ``home``; yields the API URL and the environment for clients (``PREFECT_API_URL`` set)."""
-    port = free_port()
+    another) in ``home``; yields the API URL and the environment for clients (``PREFECT_API_URL`` set).
+    ``port``: a given one (e.g. to start the same server again after stopping it), else a free one."""
+    port = port or free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
     env.pop("PREFECT_API_URL", None)

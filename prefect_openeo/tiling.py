@@ -18,7 +18,9 @@ from pathlib import Path
 
 import geopandas as gpd
 import pyproj
+import shapely
 from openeo.extra.job_management import split_area
+from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 #: Refuse to build more tiles than this unless told otherwise (``split_area`` holds them all in memory).
@@ -76,7 +78,8 @@ def read_area(path: str | Path) -> gpd.GeoDataFrame:
     EPSG:4326 too, with a ``TilingWarning`` saying so."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Area of interest {str(path)!r} does not exist")
+        where = "" if path.is_absolute() else f" (a relative path: looked for in {Path.cwd()})"
+        raise FileNotFoundError(f"Area of interest {str(path)!r} does not exist{where}")
     try:
         if path.suffix.lower() in (".parquet", ".geoparquet"):
             area = gpd.read_parquet(path)
@@ -269,12 +272,71 @@ def _without_bare_polygon_notice() -> Iterator[None]:
         logger.removeFilter(keep)
 
 
+#: An edge tile narrower (or lower) than this share of the tile size is merged into its neighbour.
+SLIVER_FRACTION = 0.5
+
+
+def merge_slivers(tiles: gpd.GeoDataFrame, tile_size: float) -> tuple[gpd.GeoDataFrame, int]:
+    """``split_area``'s tiles (in the grid CRS) with each sliver at an area's east or north edge (narrower than
+    ``SLIVER_FRACTION`` of ``tile_size``) merged into the tile beside it (west, then south), which becomes up
+    to 1.5 tiles wide: a sliver is a paid job for a strip of data. A sliver whose neighbour was dropped (it
+    does not touch the area) stays. Returns the tiles and how many were merged."""
+    boxes = [list(b) for b in tiles.geometry.bounds[["minx", "miny", "maxx", "maxy"]].to_numpy()]
+    step = tile_size * 1e-6  # coordinates of one grid line agree to far better than this
+
+    def key(*values: float) -> tuple[int, ...]:
+        return tuple(round(v / step) for v in values)
+
+    merged = 0
+    for lo, hi, other_lo, other_hi in ((0, 2, 1, 3), (1, 3, 0, 2)):  # narrow in x: merge west; in y: south
+        by_far_edge = {key(b[hi], b[other_lo], b[other_hi]): b for b in boxes}
+        gone: set[int] = set()  # slivers merged into a neighbour in this pass
+        for b in [b for b in boxes if b[hi] - b[lo] < SLIVER_FRACTION * tile_size]:
+            neighbour = by_far_edge.get(key(b[lo], b[other_lo], b[other_hi]))
+            if neighbour is None or neighbour is b:
+                continue
+            del by_far_edge[key(neighbour[hi], neighbour[other_lo], neighbour[other_hi])]
+            neighbour[hi] = b[hi]
+            by_far_edge[key(neighbour[hi], neighbour[other_lo], neighbour[other_hi])] = neighbour
+            by_far_edge.pop(key(b[hi], b[other_lo], b[other_hi]), None)
+            gone.add(id(b))
+        merged += len(gone)
+        boxes = [b for b in boxes if id(b) not in gone]
+    geometry = [box(*b) for b in boxes]
+    return gpd.GeoDataFrame(geometry=geometry, crs=tiles.crs), merged
+
+
+def tiling_id(area: gpd.GeoDataFrame, *, tile_size: float, crs: str) -> str:
+    """What a tiling was made from, as a job database records it (column ``tiling``): the tile size, the grid
+    CRS and a digest of the area's shape (not its file name: a moved file is the same area), e.g.
+    ``"10000 EPSG:3857 area 3f2a9c01b7d4"``. A resumed tile-and-run compares it with its parameters."""
+    import hashlib
+
+    shape = area.to_crs("EPSG:4326").geometry.union_all().normalize()
+    digest = hashlib.sha256(shapely.to_wkb(shapely.set_precision(shape, 1e-9))).hexdigest()[:12]
+    return f"{tile_size:g} EPSG:{grid_crs(crs).to_epsg()} area {digest}"
+
+
+def tiling_note(tiles: gpd.GeoDataFrame) -> str:
+    """What ``tile_area`` left out of the plain grid, for a person: e.g. ``"; 2 slivers at the edges merged
+    into their neighbours, 3 tiles not touching the area left out"`` ("" when nothing)."""
+    counts = tiles.attrs.get("tiling") or {}
+    parts = []
+    if counts.get("merged"):
+        parts.append(f"{counts['merged']} sliver(s) at the edges merged into their neighbours")
+    if counts.get("dropped"):
+        parts.append(f"{counts['dropped']} grid tile(s) not touching the area left out")
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def tile_area(
     area: gpd.GeoDataFrame, *, tile_size: float, crs: str = "EPSG:3857", max_tiles: int | None = MAX_TILES
 ) -> gpd.GeoDataFrame:
     """Tiles of ``tile_size`` (in units of ``crs``) on a regular grid in ``crs`` covering ``area``
-    (openeo's ``split_area``), in EPSG:4326, with a ``tile`` name and the tile's ``west``, ``south``,
-    ``east``, ``north`` (EPSG:4326) columns.
+    (openeo's ``split_area``: tiles that do not touch the area are dropped), slivers at its edges merged into
+    their neighbours (``merge_slivers``), in EPSG:4326, with a ``tile`` name and the tile's ``west``,
+    ``south``, ``east``, ``north`` (EPSG:4326) columns. ``tiles.attrs["tiling"]`` counts the tiles of the grid
+    ``dropped`` and ``merged``.
 
     Raises ``ValueError`` for a CRS or tile size that cannot be right (see ``check_tile_size``), an area
     that is not longitude/latitude, and ``TooManyTiles`` when more than ``max_tiles`` tiles (``None``: no
@@ -288,7 +350,10 @@ def tile_area(
     if max_tiles is not None and estimate.tiles > max_tiles:
         raise TooManyTiles(estimate, max_tiles, _suggest(shape, grid, estimate, max_tiles))
     with _without_bare_polygon_notice():
-        tiles = split_area(shape, projection=epsg, tile_size=tile_size).to_crs("EPSG:4326")
+        grid_tiles = split_area(shape, projection=epsg, tile_size=tile_size)
+    kept, merged = merge_slivers(grid_tiles, tile_size)
+    tiles = kept.to_crs("EPSG:4326")
+    tiles.attrs["tiling"] = {"dropped": max(0, estimate.tiles - len(grid_tiles)), "merged": merged}
     bounds = tiles.geometry.bounds
     tiles.insert(0, "tile", [f"t{i:05d}" for i in range(len(tiles))])
     for position, (column, source) in enumerate(

@@ -110,6 +110,31 @@ def wait_for_a_running_row(job_db: Path, client, run_id: str, seconds: float = 3
     raise AssertionError(f"no row of {job_db} is running after {seconds} s")
 
 
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`prefect worker start --pool openeo-process` as the README says it, in its own process group (stopped
+    with its flow-run processes), its output in ``log_path``."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            readme_command("prefect worker start --pool openeo-process"),
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM to the worker's process group (the worker and its flow-run processes), SIGKILL if it lingers."""
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(30)
+
+
 # -- checks ---------------------------------------------------------------------------------------------
 def assert_results_present(job_db: Path, root_dir: Path) -> pd.DataFrame:
     """Every row finished, and every asset of its job is on disk with the size and checksum its backend said."""
@@ -171,16 +196,7 @@ def test_readme_deployment_steps_with_the_real_cli_server_and_worker(openeo_simu
         ok(deploy, env)
 
         worker_log = tmp_path / "worker.log"
-        with worker_log.open("w") as log:
-            worker = subprocess.Popen(
-                readme_command("prefect worker start --pool openeo-process"),
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: stopped with its flow-run processes
-            )
+        worker = start_worker(env, worker_log)
         try:
             from prefect.client.orchestration import get_client
             from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -226,6 +242,26 @@ def test_readme_deployment_steps_with_the_real_cli_server_and_worker(openeo_simu
                 assert len(df) == expected_tiles == sim.created_count() == len(set(df["id"]))
                 assert {job["user"] for job in sim.jobs()} == {"user"}  # authenticated through the block
 
+                # tile-and-run on a job database whose jobs all fail: the run the user lands on (the one
+                # `prefect deployment run` prints) says so in its state and shows the summary.
+                sim.config.failure_rate = 1.0
+                failing_db = tmp_path / "failing.parquet"
+                failing = ["--param", f"job_db={failing_db}", "--param", f"root_dir={tmp_path / 'f'}"]
+                failing += ["--param", "poll_sleep=0.2"]
+                parent = flow_run_id(ok(readme_command(f"prefect deployment run {TILE_AND_RUN}") + failing, env))
+                flow_run = wait_final(client, parent, worker_log)
+                n = expected_tiles
+                assert flow_run.state.is_completed(), (flow_run.state, worker_log.read_text()[-4000:])
+                assert flow_run.state.message == f"{n} of {n} rows ended in error", flow_run.state
+                from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+                artifacts = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+                )
+                (summary,) = [a for a in artifacts if a.key == "run-openeo-jobs-summary"]
+                assert f"**{n} of {n} rows ended in error**" in summary.data and "## Why rows failed" in summary.data
+                sim.config.failure_rate = 0.0
+
                 # A plain password in a parameter is refused: no flow run holds it.
                 runs_before = len(client.read_flow_runs(limit=200))
                 plain = {"cdse": {"url": sim.url, "username": "user", "password": "password"}}
@@ -250,12 +286,7 @@ def test_readme_deployment_steps_with_the_real_cli_server_and_worker(openeo_simu
                 }
                 assert by_id[second].parameters["backends"] == {"cdse": "block:cdse"}
         finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(30)
+            stop_worker(worker)
 
 
 def check_deployments(tile_and_run, resume) -> None:
@@ -450,7 +481,7 @@ def test_the_example_flow_takes_live_objects_in_process_and_refuses_plain_secret
         area=str(REPO / "flows" / "mol.geojson"),
         job_db=str(tmp_path / "jobs.parquet"),
         backends={"sim": openeo.connect(openeo_simulator.url)},
-        tile_size="20000",  # validated: made a number
+        tile_size="10000",  # validated: made a number
         poll_sleep=0.1,
         root_dir=str(tmp_path / "results"),
         return_state=True,
@@ -468,3 +499,67 @@ def test_the_example_flow_takes_live_objects_in_process_and_refuses_plain_secret
     assert isinstance(renamed, OpenEOFlow)
     with pytest.raises(PlainSecretError, match="is a plain password"):
         renamed(job_db=str(tmp_path / "jobs.parquet"), backends=plain, start_job=create_ndvi_job)
+
+
+def test_a_cancel_after_a_prefect_server_outage_stops_the_run(openeo_simulator_factory, tmp_path):
+    """The deployed run on a real worker; the Prefect server stopped for 35 s mid-run (the runner's cancellation
+    observer may die with it) and started again; then `prefect flow-run cancel`: no backend job is created
+    more than a few seconds after the cancel, the run ends Cancelled, the job database is whole, and the next
+    run finishes the rest creating no job twice."""
+    import contextlib
+
+    from prefect_openeo.testing import free_port
+
+    sim = openeo_simulator_factory("cdse", require_auth=True, queue_duration=0.3, run_duration=4.0)
+    server_env = {"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
+    home, port = str(tmp_path / "prefect-home"), free_port()
+    job_db, root_dir = tmp_path / "jobs.parquet", tmp_path / "results"
+    create_job_db(job_db, demo_tiles(60))
+    overrides = ["--param", f"job_db={job_db}", "--param", f"root_dir={root_dir}", "--param", "poll_sleep=0.5"]
+    server = contextlib.ExitStack()
+    api_url, env = server.enter_context(local_prefect_server(home, extra_env=server_env, port=port))
+    env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+    ok(readme_command("prefect block register -m prefect_openeo"), env)
+    snippet = readme_simulator_block_snippet().replace(SIM_URL_IN_README, sim.url.rstrip("/"))
+    ok([sys.executable, "-c", snippet], env)
+    ok(readme_command("prefect work-pool create openeo-process --type process"), env)
+    ok(readme_command("prefect deploy --prefect-file deployments/prefect.yaml --all"), env)
+    worker_log = tmp_path / "worker.log"
+    worker = start_worker(env, worker_log)
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        first = flow_run_id(ok(readme_command(f"prefect deployment run {RESUME}") + overrides, env))
+        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            wait_for_a_running_row(job_db, client, first)
+        created_before = sim.created_count()
+        server.close()  # the outage
+        time.sleep(35)
+        assert worker.poll() is None, worker_log.read_text()[-3000:]
+        created_in_outage = sim.created_count()
+        with local_prefect_server(home, extra_env=server_env, port=port):
+            with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+                assert not client.read_flow_run(first).state.is_final()
+                ok([PREFECT, "flow-run", "cancel", first], env)
+                cancelled_at = time.time()
+                flow_run = wait_final(client, first, worker_log, seconds=180)
+                assert flow_run.state.is_cancelled(), (flow_run.state, worker_log.read_text()[-4000:])
+                created = [pd.Timestamp(j["created"]).timestamp() for j in sim.jobs()]
+                late = [t - cancelled_at for t in created if t > cancelled_at + 15]
+                assert not late, f"{len(late)} job(s) created {max(late):.0f} s after the cancel"
+                assert created_before < created_in_outage and len(created) < 60  # it went on, then stopped
+                df = pd.read_parquet(job_db)
+                assert len(df) == 60 and df["id"].dropna().nunique() == len(created) == df["id"].notna().sum()
+                assert set(df["status"]) <= {"not_started", "queued", "running", "finished", "queued_for_start"}
+                assert "not_started" in set(df["status"])
+
+                sim.config.run_duration = 0.3  # the rest quickly
+                again = flow_run_id(ok(readme_command(f"prefect deployment run {RESUME}") + overrides, env))
+                flow_run = wait_final(client, again, worker_log)
+                assert flow_run.state.is_completed(), (flow_run.state, worker_log.read_text()[-4000:])
+                df = assert_results_present(job_db, root_dir)
+                assert len(df) == 60 == sim.created_count() == df["id"].nunique()
+    finally:
+        server.close()
+        stop_worker(worker)

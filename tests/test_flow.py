@@ -83,6 +83,12 @@ def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_fac
         by_type[artifact.type].append(artifact)
     assert sorted(a.key.rsplit("-", 1)[1] for a in artifacts) == ["pictures", "progress", "status", "summary"]
     assert by_type["progress"][0].data == 100.0
+    finished, failed = (df["status"] == "finished").sum(), (df["status"] == "error").sum()
+    assert (
+        failed
+        and by_type["progress"][0].description
+        == f"Rows ended: {finished} finished, {failed} failed, 0 to go, of 10 rows"
+    )
     (table,) = by_type["table"]
     by_backend = {r["backend"]: r for r in json.loads(table.data)}
     for name, group in df.groupby("backend_name"):
@@ -402,3 +408,200 @@ def test_the_flow_runs_state_says_how_many_rows_failed_and_too_many_fail_it(open
     with pytest.raises(ValueError, match="must be at least 1"):
         state.result()
     assert openeo_simulator.created_count() == 4
+
+
+def _load_example_flow():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "tile_and_run", Path(__file__).parent.parent / "flows" / "tile_and_run.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _example_area(tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    area = tmp_path / "aoi.geojson"
+    gpd.GeoDataFrame(geometry=[box(5.10, 51.20, 5.13, 51.215)], crs="EPSG:4326").to_file(area, driver="GeoJSON")
+    return area
+
+
+def _example_params(tmp_path, sim) -> dict:
+    """tile_and_run's parameters for a small area on the simulator ``sim``."""
+    return dict(
+        area=str(_example_area(tmp_path)),
+        job_db=str(tmp_path / "jobs.parquet"),
+        backends={"sim": sim.url},
+        tile_size=1500,
+        poll_sleep=0.1,
+        root_dir=str(tmp_path / "results"),
+    )
+
+
+def test_the_run_a_user_lands_on_says_what_its_subflow_came_to(openeo_simulator, tmp_path):
+    """tile-and-run ends as its run-openeo-jobs subflow: the message with the counts (Failed past
+    fail_when_failed_rows), the subflow's summary artifact on it too, whole reasons and the tiles' bounds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    module = _load_example_flow()
+    openeo_simulator.config.failure_rate = 1.0
+    params = _example_params(tmp_path, openeo_simulator)
+    state = module.tile_and_run(return_state=True, **params)
+    rows = pd.read_parquet(tmp_path / "jobs.parquet")
+    n = len(rows)
+    assert n >= 4 and set(rows["status"]) == {"error"}
+    assert state.is_completed() and state.message == f"{n} of {n} rows ended in error", state
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    (summary,) = [a for a in artifacts if a.key.endswith("-summary")]
+    assert summary.key == "run-openeo-jobs-summary"
+    assert f"{n} of {n} rows ended in error" in summary.data
+    reason = rows["message"].iloc[0]
+    assert len(reason) > 60 and reason in summary.data  # whole, not cut
+    import geopandas as gpd
+
+    west, south, east, north = gpd.read_parquet(tmp_path / "jobs.parquet").geometry.iloc[0].bounds
+    assert f"| {west:.4f}, {south:.4f}, {east:.4f}, {north:.4f} |" in summary.data  # find the tile on the map
+
+    again = module.tile_and_run(return_state=True, fail_when_failed_rows=0.5, **params)
+    assert again.is_failed() and again.message == f"{n} of {n} rows ended in error, reaching fail_when_failed_rows=0.5"
+
+
+def _run_in_thread_with_tag(tag: str, **kwargs):
+    """``run_openeo_jobs(**kwargs)`` in a thread, in-process (no runner watches it), tagged ``tag``; the thread and
+    a dict that gets its final state."""
+    import threading
+
+    from prefect import tags
+
+    from prefect_openeo.flows import run_openeo_jobs
+
+    ended = {}
+
+    def run():
+        with tags(tag):
+            ended["state"] = run_openeo_jobs(return_state=True, **kwargs)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, ended
+
+
+def _cancel_tagged(tag: str) -> float:
+    """Set the flow run tagged ``tag`` Cancelling, as `prefect flow-run cancel` does; when."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+    return time.time()
+
+
+def test_a_flow_run_cancelled_by_itself_cancels_its_backend_jobs_when_asked(openeo_simulator, tmp_path, monkeypatch):
+    """cancel_backend_jobs=True: the run that stops itself on a cancel cancels its active backend jobs and
+    records their rows canceled, and its message counts them."""
+    import time
+    import uuid
+
+    from prefect_openeo.settings import settings
+
+    monkeypatch.setattr(settings, "cancel_check_seconds", 0.5)
+    openeo_simulator.config.run_duration = 600
+    job_db = tmp_path / "jobs.csv"
+    tag = f"cancel-{uuid.uuid4().hex[:8]}"
+    thread, ended = _run_in_thread_with_tag(
+        tag,
+        job_db=job_db,  # a Path, as in-process callers pass it
+        df=tiles_df(4),
+        backends={"sim": openeo_simulator.url},
+        start_job=ndvi_job,
+        poll_sleep=0.2,
+        parallel_jobs=2,
+        download_results=False,
+        cancel_backend_jobs=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        job_db.exists() and (pd.read_csv(job_db)["status"] == "running").sum() == 2
+    ):
+        time.sleep(0.2)
+    _cancel_tagged(tag)
+    thread.join(60)
+    assert not thread.is_alive(), "the flow run did not stop by itself"
+    state = ended["state"]
+    assert state.is_cancelled() and state.message.endswith("no more jobs created, 2 active backend job(s) canceled")
+    df = pd.read_csv(job_db)
+    assert sorted(df["status"]) == ["canceled", "canceled", "not_started", "not_started"]
+    assert sorted(j["status"] for j in openeo_simulator.jobs()) == ["canceled", "canceled"]
+
+
+def test_a_flow_run_obeys_a_cancel_by_itself(openeo_simulator, tmp_path, monkeypatch):
+    """No runner watches an in-process flow run (as when the runner's cancellation observer died with the
+    API): the run reads its own state, stops creating jobs within a few seconds of `Cancelling`, ends
+    Cancelled saying so, and a later run finishes the rest, creating no job twice."""
+    import time
+    import uuid
+
+    from prefect_openeo.flows import run_openeo_jobs
+    from prefect_openeo.settings import settings
+
+    monkeypatch.setattr(settings, "cancel_check_seconds", 0.5)
+    openeo_simulator.config.queue_duration, openeo_simulator.config.run_duration = 0.2, 1.5
+    job_db = tmp_path / "jobs.csv"
+    tag = f"cancel-{uuid.uuid4().hex[:8]}"
+    params = dict(
+        job_db=str(job_db),
+        backends={"sim": openeo_simulator.url},
+        start_job=ndvi_job,
+        poll_sleep=0.2,
+        parallel_jobs=2,
+        download_results=False,
+    )
+    thread, ended = _run_in_thread_with_tag(tag, df=tiles_df(30), **params)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and openeo_simulator.created_count() < 4:
+        time.sleep(0.1)
+    assert openeo_simulator.created_count() >= 4
+    cancelled_at = _cancel_tagged(tag)
+    thread.join(60)
+    assert not thread.is_alive(), "the flow run did not stop by itself"
+    state = ended["state"]
+    assert state.is_cancelled(), state
+    assert state.message.startswith("Cancelled: this flow run is Cancelling; no more jobs created"), state.message
+    created = [pd.Timestamp(j["created"]).timestamp() for j in openeo_simulator.jobs()]
+    assert max(created) < cancelled_at + 5  # the watch's period, a sweep, a loaded machine
+    assert len(created) < 30
+    df = pd.read_csv(job_db)
+    assert len(df) == 30 and (df["status"] == "not_started").sum() == 30 - len(created)
+
+    assert run_openeo_jobs(return_state=True, **params).is_completed()
+    df = pd.read_csv(job_db)
+    assert set(df["status"]) == {"finished"} and openeo_simulator.created_count() == 30 == df["id"].nunique()
+
+
+def test_a_resumed_tile_and_run_refuses_other_tiling_parameters(openeo_simulator, tmp_path):
+    """The job database records what its tiles were made from: a rerun with another tile size or year is
+    refused saying so (it would silently run the old tiles), nothing is created; the same parameters resume."""
+    module = _load_example_flow()
+    params = _example_params(tmp_path, openeo_simulator)
+    assert module.tile_and_run(return_state=True, **params).is_completed()
+    created = openeo_simulator.created_count()
+    for change, says in (({"tile_size": 1000}, "at tile_size 1000 makes"), ({"year": 2023}, "not 2023")):
+        state = module.tile_and_run(return_state=True, **{**params, **change})
+        assert state.is_failed()
+        with pytest.raises(ValueError, match=f"was made from other parameters: .*{says}"):
+            state.result()
+    assert openeo_simulator.created_count() == created
+    assert module.tile_and_run(return_state=True, **params).is_completed()

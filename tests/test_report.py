@@ -282,10 +282,25 @@ def test_map_has_coordinates_an_outline_and_a_legend_with_counts(tmp_path):
     corners = {(round(x, 6), round(y, 6)) for x, y in outline[0].get_xydata()}
     assert {(10.0, 60.0), (11.5, 60.0), (11.5, 60.3), (10.75, 60.3), (10.75, 60.5), (10.0, 60.5)} <= corners
 
+    # every tile says its row, at its centre: a red one can be found in the job database
+    labels = {t.get_text(): t.xy for t in ax.texts}
+    assert set(labels) == {str(i) for i in df.index}
+    assert labels["12"] == pytest.approx((df.geometry[12].centroid.x, df.geometry[12].centroid.y))
+
     path = plot_map(df, tmp_path / "map.png")
     image = Image.open(path)
     assert image.format == "PNG" and image.size == (1000, 800)
     assert {STATUS_COLORS[s] for s in set(statuses)} <= png_colours(path)
+
+
+def test_a_map_of_many_tiles_labels_the_failed_ones():
+    cells = [(c, r) for r in range(15) for c in range(10)]
+    geometry = [box(10 + 0.1 * c, 60 + 0.1 * r, 10 + 0.1 * (c + 1), 60 + 0.1 * (r + 1)) for c, r in cells]
+    statuses = ["finished"] * 150
+    for i in (7, 42, 149):
+        statuses[i] = "error"
+    df = gpd.GeoDataFrame({"status": statuses}, geometry=geometry, crs="EPSG:4326")
+    assert sorted(t.get_text() for t in map_figure(df).axes[0].texts) == ["149", "42", "7"]
 
 
 def test_map_of_projected_tiles_is_drawn_in_lon_lat():
