@@ -60,6 +60,10 @@ def worker_room(
     return room, left
 
 
+#: The shortest expected job duration (seconds) a backend's speed is compared with.
+MIN_DURATION = 0.001
+
+
 def speed_caps(
     expected: Mapping[str, float],
     slots: Mapping[str, int],
@@ -76,6 +80,8 @@ def speed_caps(
     """
     unpinned = waiting.get("", 0)
     caps: dict[str, tuple[int, str]] = {}
+    # A job seen ended at once (within a clock tick) took some time all the same.
+    expected = {name: max(duration, MIN_DURATION) for name, duration in expected.items()}
     for name, duration in expected.items():
         faster = {f: d for f, d in expected.items() if d < duration and slots.get(f, 0) > 0}
         if not faster or not unpinned:

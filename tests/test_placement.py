@@ -35,6 +35,8 @@ def test_the_last_rows_wait_for_the_fast_backend():
     assert speed_caps(expected, slots, {"": 5, "slow": 1})["slow"][0] == 1
     # Same speed: nobody waits for anybody.
     assert speed_caps({"a": 10.0, "b": 10.0}, {"a": 2, "b": 2}, {"": 3}) == {}
+    # Jobs seen ended within a clock tick (a duration of 0 s): the fastest backend, not a division by zero.
+    assert speed_caps({"instant": 0.0, "slow": 30.0}, slots | {"instant": 2}, {"": 5})["slow"][0] == 0
 
 
 def test_a_run_sends_its_last_rows_to_the_faster_backend(openeo_simulator_factory, tmp_path, caplog):
