@@ -202,12 +202,20 @@ def flow_task_runs(flow_run_id) -> list:
 
 
 def per_job_figures(flow_run_id, rows: pd.DataFrame) -> tuple[collections.Counter, int, int]:
-    """Task runs by kind, per-job task runs in a final state, and those matching their row's status."""
+    """Task runs by kind, per-job task runs in a final state, and those matching their row's status. The
+    server's task-run recorder writes them from the run's events, possibly after the run ended: waits until
+    every row's is final (up to 120 s) and prints how long that took."""
     from prefect_openeo.observe import prefect_state
 
-    task_runs = flow_task_runs(flow_run_id)
-    jobs = {t.name.split(" ")[1]: t for t in task_runs if "openeo-job" in (t.tags or [])}
-    final = sum(1 for t in jobs.values() if t.state and t.state.is_final())
+    began = time.perf_counter()
+    while True:
+        task_runs = flow_task_runs(flow_run_id)
+        jobs = {t.name.split(" ")[1]: t for t in task_runs if "openeo-job" in (t.tags or [])}
+        final = sum(1 for t in jobs.values() if t.state and t.state.is_final())
+        if final >= len(rows) or time.perf_counter() - began > 120:
+            break
+        time.sleep(0.5)
+    print(f"(per-job task runs of {flow_run_id}: {final} final, {time.perf_counter() - began:.1f} s after the call)")
     matching = sum(
         1
         for index, row in rows.iterrows()

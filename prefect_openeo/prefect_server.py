@@ -72,6 +72,15 @@ def new_session_kwargs() -> dict[str, Any]:
     return {"start_new_session": True}
 
 
+#: The per-job task runs arrive as events; the server's task-run recorder writes them in batches of up to
+#: 100, at least every second (Prefect's defaults: one at a time, every 5 s). The caller's settings win.
+RECORDER_BATCHES = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
+
+
 class TemporaryPrefectServer:
     """Prefect's API server on 127.0.0.1 in a child process of its own session.
 
@@ -85,6 +94,8 @@ class TemporaryPrefectServer:
         if ephemeral:
             self.env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"})
         self.env["PREFECT__SERVER_FINAL"] = "1"
+        for key, value in RECORDER_BATCHES.items():
+            self.env.setdefault(key, value)
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
         self._stderr: Any = None

@@ -2,6 +2,11 @@
 states with a log line for each failure, events, artifacts), so that the engine's loop never waits on the
 Prefect API.
 
+Task-run states travel as Prefect's own task engine sends them: client-orchestrated ``prefect.task-run.*``
+events over Prefect's events client (one websocket, no request per state), which the server's task-run
+recorder turns into task runs and states, in bulk, keeping each state's own timestamp (when the run saw the
+job's status). Logs and artifacts go through the REST API.
+
 Updates are coalesced while they wait: the latest state per row (a terminal state is kept, never replaced by
 a later one), the latest data per artifact. Events are kept in order, bounded: past ``max_events`` waiting,
 events of non-terminal transitions are dropped first. A slow or unreachable API slows the reporting, never
@@ -24,8 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate, LogCreate
+from prefect.client.schemas.objects import TaskRun, TaskRunPolicy
 from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
 from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
+from prefect.utilities.engine import emit_task_run_state_change_event
 
 from prefect_openeo.settings import settings
 from prefect_openeo.states import TERMINAL
@@ -40,7 +48,9 @@ ENDED = {"error": "ended in error", "start_failed": "could not be started", "can
 
 
 def prefect_state(status: str, message: str | None = None, timestamp: datetime.datetime | None = None) -> State:
-    """The Prefect state that shows a row's status in the UI."""
+    """The Prefect state that shows a row's status in the UI. Final states carry the names Prefect's UI
+    filters by (Completed, Failed, Cancelled; a skipped row: Skipped); the openEO status is in the message
+    where the row has none (a job that could not be started: "start_failed: <reason>")."""
     extra: dict[str, Any] = {"timestamp": timestamp} if timestamp is not None else {}
     if status in ("not_started", "created", "queued_for_start", "queued"):
         name = "".join(part.capitalize() for part in status.split("_"))
@@ -48,13 +58,15 @@ def prefect_state(status: str, message: str | None = None, timestamp: datetime.d
     if status == "running":
         return Running(message=message, **extra)
     if status == "finished":
-        return Completed(name="Finished", message=message, **extra)
+        return Completed(message=message or "finished", **extra)
     if status == "skipped":
         return Completed(name="Skipped", message=message, **extra)
     if status == "canceled":
-        return Cancelled(name="Canceled", message=message, **extra)
-    if status in ("error", "start_failed"):
-        return Failed(name="Error" if status == "error" else "StartFailed", message=message, **extra)
+        return Cancelled(message=message or "canceled", **extra)
+    if status == "error":
+        return Failed(message=message or "error", **extra)
+    if status == "start_failed":
+        return Failed(message=f"start_failed: {message}" if message else "start_failed", **extra)
     raise ValueError(f"Unknown status {status!r}")
 
 
@@ -103,9 +115,11 @@ class Unreported:
     dropped_events: int = 0
     artifacts: list[str] = field(default_factory=list)
     error: str | None = None
+    #: Prefect's events client still held events (task-run states among them) when the time was up.
+    events_queued: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.rows or self.events or self.dropped_events or self.artifacts)
+        return bool(self.rows or self.events or self.dropped_events or self.artifacts or self.events_queued)
 
     def __str__(self) -> str:
         parts = []
@@ -116,15 +130,25 @@ class Unreported:
             parts.append(f"{self.events + self.dropped_events} event(s)")
         if self.artifacts:
             parts.append(f"artifact(s) {', '.join(self.artifacts)}")
+        if self.events_queued:
+            parts.append("events (task-run states among them) still queued in Prefect's events client")
         why = f" (last error: {self.error})" if self.error else ""
         return "; ".join(parts) + why
+
+
+def _events_sent(timeout: float) -> bool:
+    """Whether Prefect's events client sent every event handed to it, waiting up to ``timeout`` seconds."""
+    waiter = threading.Thread(target=EventsWorker.instance().wait_until_empty, daemon=True)
+    waiter.start()
+    waiter.join(max(0.0, timeout))
+    return not waiter.is_alive()
 
 
 class Reporter:
     """Sends row states, events and artifacts of one flow run to the Prefect API from its own thread.
 
     :param flow_run_id: the flow run the task runs, logs, events and artifacts belong to.
-    :param task: the task whose runs mirror jobs (its key and tags), created with ``client.create_task_run``.
+    :param task: the task whose runs mirror jobs (its key, version and tags).
     :param client_factory: makes the (sync) Prefect client, in the reporter's thread.
     :param name: how a row's task run is named, from its first update.
     :param tags: extra tags of a row's task run, from its first update.
@@ -154,23 +178,32 @@ class Reporter:
         self._rows: dict[Any, list[RowUpdate]] = {}
         self._events: collections.deque[RowUpdate] = collections.deque()
         self._artifacts: dict[str, _Artifact] = {}
+        #: Log lines of failures not sent yet (their request failed).
+        self._logs: list[LogCreate] = []
         self._closing = False
         #: ``close`` stopped waiting: the thread ends after the request it may be stuck in.
         self._abandoned = False
-        #: Task-run ids, chosen here (so events can name them before they exist); those created.
+        #: Task-run ids, chosen here (so events can name them before they exist); the task runs as sent.
         self._ids: dict[Any, uuid.UUID] = {}
-        self._created: set = set()
+        self._task_runs: dict[Any, TaskRun] = {}
         self._artifact_ids: dict[str, uuid.UUID] = {}
-        self._in_flight: dict[str, Any] = {}
+        #: Per thread: the batch it is sending.
+        self._in_flight: dict[str, dict] = {"events": {}, "rest": {}}
+        self._events_done = False
         self.dropped_events = 0
         self.failures = 0
         self.last_error: str | None = None
         self.sent = collections.Counter()
         context = contextvars.copy_context()  # the settings (API URL) of the caller
-        #: Started with the first update (a run that fails before its first sweep leaves no thread behind).
-        self._thread = threading.Thread(
-            target=context.run, args=(self._run,), name="prefect-openeo-reporter", daemon=True
-        )
+        #: Started with the first update (a run that fails before its first sweep leaves no thread behind):
+        #: one hands states and events to Prefect's events client, one sends logs and artifacts over REST, so
+        #: that a slow or hung request never holds the states up.
+        self._threads = {
+            lane: threading.Thread(
+                target=context.copy().run, args=(self._run, lane), name=f"prefect-openeo-reporter-{lane}", daemon=True
+            )
+            for lane in ("events", "rest")
+        }
 
     # -- the engine's side: hand over, never wait ---------------------------------------------------
     def row(self, update: RowUpdate) -> None:
@@ -181,7 +214,7 @@ class Reporter:
             self._rows[update.index] = coalesce([*self._rows.get(update.index, []), update])
             if len(self._events) < self._max_events or self._drop_an_event(update):
                 self._events.append(update)
-            self._lock.notify()
+            self._lock.notify_all()
 
     def task_run_id(self, index: Any) -> uuid.UUID | None:
         """The id of a row's task run (known from its first update on, before it is created)."""
@@ -198,32 +231,35 @@ class Reporter:
         with self._lock:
             self._start()
             self._artifacts[key] = _Artifact(key, type, description, data, once, on_parent)
-            self._lock.notify()
+            self._lock.notify_all()
 
     def _start(self) -> None:
-        if self._thread.ident is None and not self._closing:
-            self._thread.start()
+        if self._threads["events"].ident is None and not self._closing:
+            for thread in self._threads.values():
+                thread.start()
 
     def close(self, timeout: float) -> Unreported:
         """Send what is waiting, for at most ``timeout`` seconds; what could not be sent."""
         with self._lock:
             self._closing = True
-            self._lock.notify()
-        if self._thread.ident is not None:
-            self._thread.join(timeout)
+            self._lock.notify_all()
+        deadline = time.monotonic() + timeout
+        started = self._threads["events"].ident is not None
+        for thread in self._threads.values():
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        events_queued = started and not _events_sent(deadline - time.monotonic())
         with self._lock:
-            self._abandoned = self._thread.is_alive()
-            self._lock.notify()
-            rows = sorted(
-                {*self._rows, *self._in_flight.get("rows", {})},
-                key=lambda i: (str(type(i)), i),
-            )
+            self._abandoned = any(thread.is_alive() for thread in self._threads.values())
+            self._lock.notify_all()
+            events, rest = self._in_flight["events"], self._in_flight["rest"]
             return Unreported(
-                rows=rows,
-                events=len(self._events) + len(self._in_flight.get("events", [])),
+                rows=sorted({*self._rows, *events.get("rows", {})}, key=lambda i: (str(type(i)), i)),
+                events=len(self._events) + len(events.get("events", [])),
                 dropped_events=self.dropped_events,
-                artifacts=sorted({*self._artifacts, *self._in_flight.get("artifacts", {})}),
+                artifacts=sorted({*self._artifacts, *rest.get("artifacts", {})}),
                 error=self.last_error,
+                events_queued=events_queued,
             )
 
     def _drop_an_event(self, incoming: RowUpdate) -> bool:
@@ -239,99 +275,158 @@ class Reporter:
         self.dropped_events += 1
         return False
 
-    # -- the reporter's thread ----------------------------------------------------------------------
-    def _run(self) -> None:
+    # -- the reporter's threads -----------------------------------------------------------------------
+    def _waiting(self, lane: str) -> bool:
+        if lane == "events":
+            return bool(self._rows or self._events)
+        return bool(self._logs or self._artifacts)
+
+    def _take(self, lane: str) -> dict:
+        if lane == "events":
+            batch = {"rows": self._rows, "events": list(self._events)}
+            self._rows, self._events = {}, collections.deque()
+        else:
+            batch = {"logs": self._logs, "artifacts": self._artifacts}
+            self._logs, self._artifacts = [], {}
+        self._in_flight[lane] = batch
+        return batch
+
+    def _ready(self, lane: str) -> bool:
+        """Whether ``lane`` has work, or may end: closing, and (for logs and artifacts) no more states to come."""
+        ends = self._closing and (lane == "events" or self._events_done)
+        return self._waiting(lane) or ends
+
+    def _run(self, lane: str) -> None:
         client = None
         backoff = 0.0
-        while not self._abandoned:
-            if backoff:
-                time.sleep(backoff)  # after a failure, even while closing: never hammer an API that is down
-            with self._lock:
-                self._lock.wait_for(lambda: self._closing or self._rows or self._events or self._artifacts)
-                if not self._closing:  # let a burst come in whole (a sweep's created and queued: one write)
-                    self._lock.wait_for(lambda: self._closing, self._linger)
-                if not (self._rows or self._events or self._artifacts):
-                    break  # closing, and nothing left
-                batch = {"rows": self._rows, "events": list(self._events), "artifacts": self._artifacts}
-                self._rows, self._events, self._artifacts = {}, collections.deque(), {}
-                self._in_flight = batch
-            try:
-                if client is None:
-                    fresh = self._client_factory()
-                    fresh.__enter__()
-                    client = fresh
-                self._send(client, batch)
-                backoff = 0.0
-            except Exception as e:  # the API is slow or down: keep what is left, try again later
-                self.failures += 1
-                self.last_error = repr(e)[:300]
-                if self.failures == 1:
-                    _log.warning(f"Could not report to the Prefect API ({e!r}); trying again, the run goes on")
-                backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * backoff))
-            finally:
+        try:
+            while not self._abandoned:
+                if backoff:
+                    time.sleep(backoff)  # after a failure, even while closing: never hammer an API that is down
                 with self._lock:
-                    if not self._abandoned:  # else ``close`` has said what was left
-                        self._put_back(self._in_flight)
-                        self._in_flight = {}
-        if client is not None:
-            client.__exit__(None, None, None)
+                    self._lock.wait_for(lambda: self._ready(lane))
+                    if not self._closing:  # let a burst come in whole (a sweep's created and queued: one write)
+                        self._lock.wait_for(lambda: self._closing, self._linger)
+                    if not self._waiting(lane):
+                        if self._ready(lane):
+                            break  # closing, and nothing left
+                        continue
+                    batch = self._take(lane)
+                try:
+                    if lane == "events":
+                        self._send_states(batch)
+                    else:
+                        if client is None:
+                            fresh = self._client_factory()
+                            fresh.__enter__()
+                            client = fresh
+                        self._send_rest(client, batch)
+                    backoff = 0.0
+                except Exception as e:  # the API is slow or down: keep what is left, try again later
+                    self.failures += 1
+                    self.last_error = repr(e)[:300]
+                    if self.failures == 1:
+                        _log.warning(f"Could not report to the Prefect API ({e!r}); trying again, the run goes on")
+                    backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, 2 * backoff))
+                finally:
+                    with self._lock:
+                        if not self._abandoned:  # else ``close`` has said what was left
+                            self._put_back(self._in_flight[lane])
+                            self._in_flight[lane] = {}
+        finally:
+            if lane == "events":
+                with self._lock:
+                    self._events_done = True
+                    self._lock.notify_all()
+            if client is not None:
+                client.__exit__(None, None, None)
 
     def _put_back(self, batch: dict) -> None:
         """Return what a batch did not send, merged with what came meanwhile (the newer wins)."""
-        if not batch:
-            return
-        for index, updates in batch["rows"].items():
+        self._logs[:0] = batch.get("logs", [])
+        for index, updates in batch.get("rows", {}).items():
             if updates:
                 self._rows[index] = coalesce([*updates, *self._rows.get(index, [])])
-        self._events.extendleft(reversed(batch["events"]))
-        for key, artifact in batch["artifacts"].items():
+        self._events.extendleft(reversed(batch.get("events", [])))
+        for key, artifact in batch.get("artifacts", {}).items():
             self._artifacts.setdefault(key, artifact)
 
-    def _send(self, client: Any, batch: dict) -> None:
-        """Send a batch, removing from it what was sent (so a failure leaves only the rest)."""
-        events, rows, artifacts = batch["events"], batch["rows"], batch["artifacts"]
-        logs = []
+    def _send_states(self, batch: dict) -> None:
+        """Hand a batch's states and events to Prefect's events client (which never waits on the API),
+        removing from it what was handed over; the failures' log lines go to the REST thread."""
+        events, rows = batch["events"], batch["rows"]
         for index in list(rows):
             while rows[index]:
                 update = rows[index][0]
-                self._set_state(client, update)
+                self._set_state(update)
                 rows[index].pop(0)
                 self.sent["states"] += 1
                 if update.status in ENDED and update.message:
-                    logs.append(self._log_line(update))
+                    with self._lock:
+                        self._logs.append(self._log_line(update))
+                        self._lock.notify_all()
             del rows[index]
-        if logs:
-            client.create_logs(logs)
-            self.sent["logs"] += len(logs)
         while events:  # after the states: an event names its row's task run
             self._emit(events[0])
             events.pop(0)
             self.sent["events"] += 1
+
+    def _send_rest(self, client: Any, batch: dict) -> None:
+        """Send a batch's log lines and artifacts, removing from it what was sent."""
+        logs, artifacts = batch["logs"], batch["artifacts"]
+        if logs:
+            client.create_logs(logs)
+            self.sent["logs"] += len(logs)
+            logs.clear()
         for key in list(artifacts):
             self._send_artifact(client, artifacts[key])
             del artifacts[key]
             self.sent["artifacts"] += 1
 
-    def _set_state(self, client: Any, update: RowUpdate) -> None:
+    def _set_state(self, update: RowUpdate) -> None:
+        """The row's task run moves to the state of ``update``: a ``prefect.task-run.<state>`` event as Prefect's
+        task engine emits it, with the task run's times and run count kept here as that engine keeps them.
+
+        A job seen ended (finished, error) that was never seen running ran between two looks: its task run
+        gets a Running state at the last look before (so it shows the time it may have run, not 0 s)."""
         state = prefect_state(update.status, update.message, update.at)
-        task_run_id = self._ids[update.index]
-        if update.index not in self._created:
-            task_run = client.create_task_run(
-                task=self._task,
-                flow_run_id=self.flow_run_id,
-                dynamic_key=f"row-{update.index}",
-                id=task_run_id,
+        task_run = self._task_runs.get(update.index)
+        if task_run is None:
+            task_run = self._task_runs[update.index] = TaskRun(
+                id=self._ids[update.index],
                 name=self._name(update),
-                extra_tags=self._tags(update),
-                state=state,
+                flow_run_id=self.flow_run_id,
+                task_key=self._task.task_key,
+                dynamic_key=f"row-{update.index}",
+                task_version=self._task.version,
+                empirical_policy=TaskRunPolicy(),
+                tags=sorted({*self._task.tags, *self._tags(update)}),
+                task_inputs={},
+                expected_start_time=state.timestamp,
             )
-            self._created.add(update.index)
-            if task_run.id != task_run_id:  # created by an earlier attempt of this flow run: use that one
-                with self._lock:
-                    self._ids[update.index] = task_run_id = task_run.id
-            if task_run.state is not None and task_run.state.name == state.name:
-                return
-        client.set_task_run_state(task_run_id, state, force=True)
+        else:
+            task_run.name = self._name(update)  # the job's id, once known
+        previous = task_run.state
+        if update.status in ("finished", "error") and not task_run.run_count and previous is not None:
+            self._move(task_run, Running(timestamp=previous.timestamp, message="running (between two looks)"))
+        self._move(task_run, state)
+
+    def _move(self, task_run: TaskRun, state: State) -> None:
+        previous = task_run.state
+        if previous is not None and state.timestamp <= previous.timestamp:  # the server keeps the latest only
+            state.timestamp = previous.timestamp + datetime.timedelta(microseconds=1)
+        state.state_details.task_run_id = task_run.id
+        state.state_details.flow_run_id = self.flow_run_id
+        if previous is not None and previous.is_running():
+            task_run.total_run_time += state.timestamp - previous.timestamp
+        if state.is_running() and not (previous is not None and previous.is_running()):
+            task_run.run_count += 1
+            task_run.start_time = task_run.start_time or state.timestamp
+        if state.is_final():
+            task_run.end_time = state.timestamp
+        task_run.state, task_run.state_id = state, state.id
+        task_run.state_type, task_run.state_name = state.type, state.name
+        emit_task_run_state_change_event(task_run=task_run, initial_state=previous, validated_state=state)
 
     def _log_line(self, update: RowUpdate) -> LogCreate:
         job = f" (job {update.job_id})" if update.job_id else ""

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from prefect_openeo.prefect_server import free_port, healthy
+from prefect_openeo.prefect_server import RECORDER_BATCHES, free_port, healthy
 
 __all__ = ["free_port", "local_prefect_server"]
 
@@ -28,7 +28,13 @@ def local_prefect_server(
     ``port``: a given one (e.g. to start the same server again after stopping it), else a free one."""
     port = port or free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": home,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **RECORDER_BATCHES,
+        **(extra_env or {}),
+    }
     env.pop("PREFECT_API_URL", None)
     env["PREFECT_UI_ENABLED"] = "true" if ui else "false"
     env["PREFECT_UI_API_URL"] = api_url

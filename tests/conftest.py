@@ -254,3 +254,26 @@ def max_overlap(jobs: list[dict]) -> int:
         current += delta
         peak = max(peak, current)
     return peak
+
+
+def settled_task_runs(flow_run_id, expected: int, timeout: float = 60.0, api_url: str | None = None) -> list:
+    """A flow run's per-job task runs once ``expected`` of them are final: Prefect's task-run recorder writes
+    them from the run's events, after the flow run may have ended (poll, up to ``timeout`` seconds).
+    ``api_url``: that server's API (default: the configured one)."""
+    import time
+
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterTags
+
+    deadline = time.monotonic() + timeout
+    with SyncPrefectClient(api_url) if api_url else get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=["openeo-job"])),
+            )
+            if sum(run.state is not None and run.state.is_final() for run in runs) >= expected:
+                return runs
+            if time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)

@@ -8,7 +8,7 @@ import json
 import openeo
 import pandas as pd
 import pytest
-from conftest import job_events, max_overlap, ndvi_job, tiles_df
+from conftest import job_events, max_overlap, ndvi_job, settled_task_runs, tiles_df
 
 from prefect_openeo import MultiBackendJobManager, create_job_db
 
@@ -58,6 +58,7 @@ def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_fac
     # The flow run says what happened; the stats stay its result.
     assert state.message == f"{stats['job failed']} of 10 rows ended in error"
 
+    settled_task_runs(state.state_details.flow_run_id, 10)
     task_runs, artifacts = flow_run_records(state.state_details.flow_run_id)
     # One task run per job whose state follows the backend job, tagged to be found among the others.
     mirrors = {t.name: t for t in task_runs if "openeo-job" in t.tags}
@@ -65,7 +66,7 @@ def test_flow_runs_jobs_with_task_runs_states_and_artifacts(openeo_simulator_fac
     for index, row in df.iterrows():
         run = mirrors[f"row {index} @ {row['backend_name']} ({row['id']})"]
         assert f"backend:{row['backend_name']}" in run.tags
-        assert run.state.name == {"finished": "Finished", "error": "Error"}[row["status"]]
+        assert run.state.name == {"finished": "Completed", "error": "Failed"}[row["status"]]  # the UI's filters
         assert run.state.is_completed() if row["status"] == "finished" else run.state.is_failed()
         if row["status"] == "error":  # the backend's reason, as in the row
             assert run.state.message == row["message"] and "simulated error" in row["message"]
@@ -121,6 +122,7 @@ def test_dropin_manager_inside_a_user_flow_runs_steps_as_tasks(openeo_simulator,
     state = my_flow(return_state=True)
     assert state.is_completed()
     assert state.result()["job finished"] == 3
+    settled_task_runs(state.state_details.flow_run_id, 3)
     task_runs, _ = flow_run_records(state.state_details.flow_run_id)
     names = {t.name.split(" ")[0] for t in task_runs}
     assert names == {"sweep", "row"}

@@ -21,7 +21,7 @@ import openeo
 import pandas as pd
 import pytest
 import requests
-from conftest import job_events, ndvi_job, tiles_df
+from conftest import job_events, ndvi_job, settled_task_runs, tiles_df
 
 from prefect_openeo import MultiBackendJobManager
 from prefect_openeo.settings import settings
@@ -113,19 +113,6 @@ def reporter_client_for(monkeypatch, url: str, timeout: float = 60.0) -> None:
     )
 
 
-def per_job_task_runs(flow_run_id) -> dict[str, object]:
-    """The flow run's per-job task runs by row (``"3"``)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterTags
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=["openeo-job"])),
-        )
-    return {run.name.split(" ")[1]: run for run in runs}
-
-
 def run_in_flow(sim, tmp_path: Path, rows: int, **kwargs):
     """``run_jobs`` of the drop-in manager inside a user's flow; the flow run's final state."""
     from prefect import flow
@@ -139,10 +126,12 @@ def run_in_flow(sim, tmp_path: Path, rows: int, **kwargs):
     return user_flow(return_state=True)
 
 
-def test_a_slow_api_gets_fewer_writes_and_every_final_state(openeo_simulator, tmp_path, monkeypatch):
-    """Behind an API that answers each request 0.4 s late, updates pile up and are coalesced (the latest
-    state per row is written, never skipping a terminal one); at the end every per-job task run is in its
-    row's final state."""
+def test_task_run_states_need_no_request_each_and_keep_the_jobs_times(openeo_simulator, tmp_path, monkeypatch):
+    """Behind a REST API that answers each request 0.4 s late, the task-run states do not wait on it: they
+    travel as Prefect's task engine sends them (``prefect.task-run.*`` events, recorded by the server), so no
+    request creates a task run or sets a state; at the end every per-job task run is in its row's final state,
+    with the times the run saw (a finished job ran: start time, run count, run time); only the failures' log
+    lines go through the slow API."""
     from prefect.settings import PREFECT_API_URL
 
     from prefect_openeo.observe import prefect_state
@@ -157,7 +146,7 @@ def test_a_slow_api_gets_fewer_writes_and_every_final_state(openeo_simulator, tm
     assert state.is_completed(), state
     df = pd.read_csv(tmp_path / "jobs.csv")
     assert set(df["status"]) <= {"finished", "error"} and (df["status"] == "error").any()
-    runs = per_job_task_runs(state.state_details.flow_run_id)
+    runs = {run.name.split(" ")[1]: run for run in settled_task_runs(state.state_details.flow_run_id, 12)}
     assert len(runs) == 12
     for index, row in df.iterrows():
         run = runs[str(index)]
@@ -166,13 +155,9 @@ def test_a_slow_api_gets_fewer_writes_and_every_final_state(openeo_simulator, tm
         if row["status"] == "finished":  # it ran: its Running state is kept (coalesced away, it showed 0 s)
             assert run.run_count == 1 and run.start_time is not None, run
             assert run.total_run_time.total_seconds() > 0
-    stats = state.result()
-    transitions = sum(
-        stats[k] for k in ("job launch", "job start", "job started running", "job finished", "job failed")
-    )
-    assert transitions >= 3 * 12
-    assert len(proxy.created) == 12  # one task run per row (a request the client repeats creates nothing new)
-    assert proxy.writes("create") + proxy.writes("state") < transitions, proxy.counts
+            assert run.end_time - run.start_time == run.total_run_time
+    assert proxy.writes("create") == proxy.writes("state") == 0, proxy.counts
+    assert proxy.counts[("POST", "/api/logs/")] >= 1  # the failures' log lines
 
 
 def test_an_unreachable_api_never_holds_the_jobs_up_and_the_run_says_what_it_could_not_report(
@@ -204,12 +189,15 @@ def test_an_unreachable_api_never_holds_the_jobs_up_and_the_run_says_what_it_cou
                 break
             time.sleep(0.2)
     (warning,) = [log.message for log in logs if "Could not report to Prefect" in log.message]
-    assert "the task-run states of 8 row(s)" in warning and "job database has every row" in warning
-    assert per_job_task_runs(state.state_details.flow_run_id) == {}
+    assert "artifact(s)" in warning and "job database has every row" in warning
+    # The task-run states do not need that API: they went with the run's events.
+    runs = settled_task_runs(state.state_details.flow_run_id, 8)
+    assert len(runs) == 8 and all(run.state.is_completed() for run in runs)
 
 
 def test_events_waiting_are_bounded_terminal_ones_kept(tmp_path):
-    """With nothing answering, at most ``max_events`` events wait: non-terminal ones are dropped first."""
+    """With a REST API that never answers, at most ``max_events`` events wait: non-terminal ones are dropped
+    first; the task-run states are handed to Prefect's events client all the same."""
     from prefect.client.orchestration import SyncPrefectClient
 
     from prefect_openeo.observe import openeo_batch_job
@@ -227,9 +215,10 @@ def test_events_waiting_are_bounded_terminal_ones_kept(tmp_path):
             for status in ("created", "queued", "running", "error" if index % 2 else "finished"):
                 reporter.row(RowUpdate(index, status, "sim", f"j-{index}", None))
         left = reporter.close(timeout=1.0)
-    assert left.rows == list(range(20))  # every row's final state is still owed, none was dropped
-    assert left.events == 20 and left.dropped_events == 60  # the 20 terminal events kept, past the bound
-    assert "80 event(s)" in str(left) and "the task-run states of 20 row(s)" in str(left)
+    assert left.rows == []  # every row's states were sent, without the REST API
+    assert left.events == 0 and left.dropped_events == 60  # the 20 terminal events kept, past the bound
+    assert reporter.sent["states"] == 20 * 2 and reporter.sent["events"] == 20
+    assert "60 event(s)" in str(left)
 
 
 def test_a_failed_jobs_reason_is_in_its_task_run_log_event_and_summary(openeo_simulator, tmp_path):
@@ -249,7 +238,7 @@ def test_a_failed_jobs_reason_is_in_its_task_run_log_event_and_summary(openeo_si
     flow_run_id = state.state_details.flow_run_id
     df = pd.read_csv(tmp_path / "jobs.csv")
     assert list(df["status"]) == ["error", "error"]
-    runs = per_job_task_runs(flow_run_id)
+    runs = {run.name.split(" ")[1]: run for run in settled_task_runs(flow_run_id, 2)}
     with get_client(sync_client=True) as client:
         events = job_events(client, flow_run_id, {"name": ["openeo.job.error"]}, lambda ev: len(ev) >= 2)
         (summary,) = [

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import job_events
+from conftest import job_events, settled_task_runs
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -88,7 +88,6 @@ def page_text_with(driver, url: str, text: str, timeout: float = 120) -> str:
 
 def test_a_failed_jobs_reason_shows_on_its_task_run_page_and_everywhere_else(openeo_simulator, tmp_path):
     from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterTags
     from typer.testing import CliRunner
 
     from prefect_openeo.cli import app
@@ -116,11 +115,8 @@ def test_a_failed_jobs_reason_shows_on_its_task_run_page_and_everywhere_else(ope
             reason, job_id = df.at[0, "message"], df.at[0, "id"]
             assert "simulated error" in reason  # the backend's own words, from its error logs
 
+            per_job = settled_task_runs(run["flow_run_id"], 2, api_url=api_url)
             with SyncPrefectClient(api_url) as client:
-                per_job = client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run["flow_run_id"]])),
-                    task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=["openeo-job"])),
-                )
                 events = job_events(
                     client, run["flow_run_id"], {"name": ["openeo.job.error"]}, lambda found: len(found) >= 2
                 )
