@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -29,6 +30,23 @@ _log = logging.getLogger("prefect_openeo")
 
 def limit_name(backend: str) -> str:
     return f"openeo-{backend}"
+
+
+def waiting_name(backend: str) -> str:
+    """The limit whose slots count the runs refused a slot of ``limit_name(backend)`` (one lease per run while
+    it waits): the API shows no other sign of a waiting acquisition."""
+    return f"openeo-{backend}-waiting"
+
+
+#: Slots of a waiting room: never the bound.
+WAITING_ROOM = 1_000_000
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """The key of this run's lease in the waiting room of ``backend``."""
+
+    backend: str
 
 
 class GlobalConcurrencyGate(SlotGate):
@@ -59,15 +77,19 @@ class GlobalConcurrencyGate(SlotGate):
         self._thread = threading.Thread(target=self._work, name="prefect-openeo-limits", daemon=True)
         self._thread.start()
         for backend, slots in parallel_jobs.items():
-            name = limit_name(backend)
+            self._ensure_limit(limit_name(backend), slots)
+            self._ensure_limit(waiting_name(backend), WAITING_ROOM, quiet=True)
+
+    def _ensure_limit(self, name: str, slots: int, quiet: bool = False) -> None:
+        try:
+            self._client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
             try:
-                self._client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                try:
-                    self._client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+                self._client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+                if not quiet:
                     _log.info(f"Created global concurrency limit {name!r} with {slots} slots")
-                except Exception as e:  # created meanwhile by another run
-                    _log.debug(f"Could not create {name!r}: {e!r}")
+            except Exception as e:  # created meanwhile by another run
+                _log.debug(f"Could not create {name!r}: {e!r}")
 
     def _work(self) -> None:
         while (call := self._calls.get()) is not None:
@@ -91,22 +113,38 @@ class GlobalConcurrencyGate(SlotGate):
                 )
             except Exception as e:
                 status = getattr(getattr(e, "response", None), "status_code", None)
-                if status == 423:  # no slot free now
+                if status == 423:  # no slot free now: this run waits (other runs see it in the waiting room)
                     with self._lock:
                         self._denied_at[backend] = time.monotonic()
+                        waits = _Waiting(backend) in self._leases
+                    if not waits:
+                        self._take_lease(waiting_name(backend), _Waiting(backend), backend)
                 else:
                     _log.warning(f"Could not take a slot of {limit_name(backend)!r}: {e!r}")
                 break
             with self._lock:
                 self._leases[index] = (UUID(response.json()["lease_id"]), time.monotonic(), backend)
             granted.append(index)
+        if granted:
+            self.release(_Waiting(backend))  # no longer waiting
         return granted
+
+    def _take_lease(self, name: str, key: Any, backend: str) -> None:
+        try:
+            response = self._client.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency", lease_duration=self.lease_seconds
+            )
+        except Exception as e:  # the others do not see this run wait: they take what they release back
+            _log.debug(f"Could not take a slot of {name!r}: {e!r}")
+            return
+        with self._lock:
+            self._leases[key] = (UUID(response.json()["lease_id"]), time.monotonic(), backend)
 
     def _room_beside_waiters(self, backend: str, wanted: int) -> int:
         """How many of ``wanted`` slots to try for. Fair to other runs: the slots this run gave back are left free
-        while another run's acquisitions were refused (the limit's ``denied_slots``), for ``yield_seconds`` at
-        most, until others took them; so the run whose job ended does not take every slot back in the sweeps
-        after it freed them. A run that was refused a slot itself lately waits as well and leaves nothing."""
+        while another run waits (holds a lease in the backend's waiting room, ``waiting_name``), for
+        ``yield_seconds`` at most, until others took them; so the run whose job ended does not take every slot
+        back in the sweeps after it freed them. A run refused a slot itself lately waits too and leaves nothing."""
         now = time.monotonic()
         with self._lock:
             owed, since = self._owed.get(backend, (0, now))
@@ -116,13 +154,16 @@ class GlobalConcurrencyGate(SlotGate):
                 return wanted
         try:
             limit = self._client.read_global_concurrency_limit_by_name(limit_name(backend))
+            room = self._client.read_global_concurrency_limit_by_name(waiting_name(backend))
         except Exception as e:  # the API is slow or away: try for them all, as without waiters
             _log.debug(f"Could not read {limit_name(backend)!r}: {e!r}")
             return wanted
         free = max(0, limit.limit - limit.active_slots)
+        with self._lock:
+            waiting = room.active_slots - (1 if _Waiting(backend) in self._leases else 0)
         owed = min(owed, free)  # the rest were taken by others meanwhile
         with self._lock:
-            if not owed or not limit.denied_slots:
+            if not owed or waiting <= 0:
                 self._owed.pop(backend, None)
                 return wanted
             self._owed[backend] = (owed, since)
@@ -140,12 +181,14 @@ class GlobalConcurrencyGate(SlotGate):
             if lease is not None:
                 self._releasing[lease[2]] = self._releasing.get(lease[2], 0) + 1
         if lease is not None:
-            self._calls.put(lambda: self._release(*lease))
+            owes = not isinstance(index, _Waiting)
+            self._calls.put(lambda: self._release(*lease, owes=owes))
 
-    def _release(self, lease_id: UUID, _renewed: float, backend: str) -> None:
+    def _release(self, lease_id: UUID, _renewed: float, backend: str, owes: bool = True) -> None:
         try:
             self._client.release_concurrency_slots_with_lease(lease_id)
-            self._owe(backend)
+            if owes:
+                self._owe(backend)
         finally:
             with self._released:
                 self._releasing[backend] -= 1

@@ -3,9 +3,11 @@ states with a log line for each failure, events, artifacts), so that the engine'
 Prefect API.
 
 Task-run states travel as Prefect's own task engine sends them: client-orchestrated ``prefect.task-run.*``
-events over Prefect's events client (one websocket, no request per state), which the server's task-run
-recorder turns into task runs and states, in bulk, keeping each state's own timestamp (when the run saw the
-job's status). Logs and artifacts go through the REST API.
+events (one websocket, no request per state), which the server's task-run recorder turns into task runs and
+states, in bulk, keeping each state's own timestamp (when the run saw the job's status). The reporter sends
+them over an events client of its own, made once (not Prefect's global events worker, which copies the
+context and looks up related resources for every event), so that an event not sent stays owed here and is
+tried again. Logs and artifacts go through the REST API.
 
 Updates are coalesced while they wait: the latest state per row (a terminal state is kept, never replaced by
 a later one), the latest data per artifact. Events are kept in order, bounded: past ``max_events`` waiting,
@@ -16,6 +18,7 @@ the jobs: a failed request is tried again later (backing off), with whatever new
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import datetime
@@ -30,10 +33,10 @@ from typing import Any
 
 from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate, LogCreate
 from prefect.client.schemas.objects import TaskRun, TaskRunPolicy
-from prefect.events import emit_event
-from prefect.events.worker import EventsWorker
+from prefect.events import Event
+from prefect.events.clients import get_events_client
 from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
-from prefect.utilities.engine import emit_task_run_state_change_event
+from prefect.utilities.text import truncated_to
 
 from prefect_openeo.settings import settings
 from prefect_openeo.states import TERMINAL
@@ -115,11 +118,9 @@ class Unreported:
     dropped_events: int = 0
     artifacts: list[str] = field(default_factory=list)
     error: str | None = None
-    #: Prefect's events client still held events (task-run states among them) when the time was up.
-    events_queued: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.rows or self.events or self.dropped_events or self.artifacts or self.events_queued)
+        return bool(self.rows or self.events or self.dropped_events or self.artifacts)
 
     def __str__(self) -> str:
         parts = []
@@ -130,18 +131,49 @@ class Unreported:
             parts.append(f"{self.events + self.dropped_events} event(s)")
         if self.artifacts:
             parts.append(f"artifact(s) {', '.join(self.artifacts)}")
-        if self.events_queued:
-            parts.append("events (task-run states among them) still queued in Prefect's events client")
         why = f" (last error: {self.error})" if self.error else ""
         return "; ".join(parts) + why
 
 
-def _events_sent(timeout: float) -> bool:
-    """Whether Prefect's events client sent every event handed to it, waiting up to ``timeout`` seconds."""
-    waiter = threading.Thread(target=EventsWorker.instance().wait_until_empty, daemon=True)
-    waiter.start()
-    waiter.join(max(0.0, timeout))
-    return not waiter.is_alive()
+#: Longest state message an event carries (as Prefect's task engine).
+MAX_MESSAGE = 100_000
+#: Task-run fields the server fills itself (as Prefect's task engine leaves them out).
+TASK_RUN_NOT_SENT = {
+    "id",
+    "created",
+    "updated",
+    "flow_run_id",
+    "state_id",
+    "state_type",
+    "state_name",
+    "state",
+    "estimated_start_time_delta",
+    "estimated_run_time",
+}
+
+
+class _EventsSender:
+    """An events client of the reporter's own (the API of the caller's settings), on an event loop of its
+    thread: ``send`` returns once the events are written to the websocket, or raises (they stay owed). A lost
+    connection is opened again, the events it had not confirmed sent again (Prefect's client)."""
+
+    def __init__(self):
+        self._loop = asyncio.new_event_loop()
+        self._client = get_events_client(reconnection_attempts=3)
+        self._loop.run_until_complete(self._client.__aenter__())
+
+    def send(self, events: list[Event]) -> None:
+        self._loop.run_until_complete(self._send(events))
+
+    async def _send(self, events: list[Event]) -> None:
+        for event in events:
+            await self._client.emit(event)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._loop.run_until_complete(self._client.__aexit__(None, None, None))
+        finally:
+            self._loop.close()
 
 
 class Reporter:
@@ -244,11 +276,9 @@ class Reporter:
             self._closing = True
             self._lock.notify_all()
         deadline = time.monotonic() + timeout
-        started = self._threads["events"].ident is not None
         for thread in self._threads.values():
             if thread.ident is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
-        events_queued = started and not _events_sent(deadline - time.monotonic())
         with self._lock:
             self._abandoned = any(thread.is_alive() for thread in self._threads.values())
             self._lock.notify_all()
@@ -259,7 +289,6 @@ class Reporter:
                 dropped_events=self.dropped_events,
                 artifacts=sorted({*self._artifacts, *rest.get("artifacts", {})}),
                 error=self.last_error,
-                events_queued=events_queued,
             )
 
     def _drop_an_event(self, incoming: RowUpdate) -> bool:
@@ -314,7 +343,9 @@ class Reporter:
                     batch = self._take(lane)
                 try:
                     if lane == "events":
-                        self._send_states(batch)
+                        if client is None:
+                            client = _EventsSender()
+                        self._send_states(client, batch)
                     else:
                         if client is None:
                             fresh = self._client_factory()
@@ -351,14 +382,16 @@ class Reporter:
         for key, artifact in batch.get("artifacts", {}).items():
             self._artifacts.setdefault(key, artifact)
 
-    def _send_states(self, batch: dict) -> None:
-        """Hand a batch's states and events to Prefect's events client (which never waits on the API),
-        removing from it what was handed over; the failures' log lines go to the REST thread."""
+    def _send_states(self, sender: _EventsSender, batch: dict) -> None:
+        """Send a batch's states and events, removing from it what was sent; the failures' log lines go to the
+        REST thread."""
         events, rows = batch["events"], batch["rows"]
         for index in list(rows):
             while rows[index]:
                 update = rows[index][0]
-                self._set_state(update)
+                task_run, events = self._state_events(update)
+                sender.send(events)
+                self._task_runs[index] = task_run  # sent: the next state follows this one
                 rows[index].pop(0)
                 self.sent["states"] += 1
                 if update.status in ENDED and update.message:
@@ -367,7 +400,7 @@ class Reporter:
                         self._lock.notify_all()
             del rows[index]
         while events:  # after the states: an event names its row's task run
-            self._emit(events[0])
+            sender.send([self._job_event(events[0])])
             events.pop(0)
             self.sent["events"] += 1
 
@@ -383,7 +416,7 @@ class Reporter:
             del artifacts[key]
             self.sent["artifacts"] += 1
 
-    def _set_state(self, update: RowUpdate) -> None:
+    def _state_events(self, update: RowUpdate) -> tuple[TaskRun, list[Event]]:
         """The row's task run moves to the state of ``update``: a ``prefect.task-run.<state>`` event as Prefect's
         task engine emits it, with the task run's times and run count kept here as that engine keeps them.
 
@@ -392,7 +425,7 @@ class Reporter:
         state = prefect_state(update.status, update.message, update.at)
         task_run = self._task_runs.get(update.index)
         if task_run is None:
-            task_run = self._task_runs[update.index] = TaskRun(
+            task_run = TaskRun(
                 id=self._ids[update.index],
                 name=self._name(update),
                 flow_run_id=self.flow_run_id,
@@ -405,13 +438,19 @@ class Reporter:
                 expected_start_time=state.timestamp,
             )
         else:
+            task_run = task_run.model_copy()  # changed here, kept once its events are sent
             task_run.name = self._name(update)  # the job's id, once known
         previous = task_run.state
+        events = []
         if update.status in ("finished", "error") and not task_run.run_count and previous is not None:
-            self._move(task_run, Running(timestamp=previous.timestamp, message="running (between two looks)"))
-        self._move(task_run, state)
+            events.append(
+                self._move(task_run, Running(timestamp=previous.timestamp, message="running (between two looks)"))
+            )
+        events.append(self._move(task_run, state))
+        return task_run, events
 
-    def _move(self, task_run: TaskRun, state: State) -> None:
+    def _move(self, task_run: TaskRun, state: State) -> Event:
+        """``task_run`` moves to ``state`` (its times and run count): the event that says so."""
         previous = task_run.state
         if previous is not None and state.timestamp <= previous.timestamp:  # the server keeps the latest only
             state.timestamp = previous.timestamp + datetime.timedelta(microseconds=1)
@@ -426,7 +465,50 @@ class Reporter:
             task_run.end_time = state.timestamp
         task_run.state, task_run.state_id = state, state.id
         task_run.state_type, task_run.state_name = state.type, state.name
-        emit_task_run_state_change_event(task_run=task_run, initial_state=previous, validated_state=state)
+        return self._task_run_event(task_run, previous, state)
+
+    def _task_run_event(self, task_run: TaskRun, previous: State | None, state: State) -> Event:
+        """The event Prefect's task engine emits for a state change (``emit_task_run_state_change_event``), with
+        the flow run named explicitly: the server's task-run recorder makes the task run from it."""
+
+        def described(s: State) -> dict:
+            details = s.state_details.model_dump(
+                mode="json", exclude_none=True, exclude_unset=True, exclude={"flow_run_id", "task_run_id"}
+            )
+            return {"type": s.type.value, "name": s.name, "message": truncated_to(MAX_MESSAGE, s.message)} | {
+                "state_details": details
+            }
+
+        related = [
+            {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+            for tag in sorted(task_run.tags)
+        ]
+        if self.flow_run_id is not None:
+            related.append(
+                {"prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}", "prefect.resource.role": "flow-run"}
+            )
+        return Event(
+            id=state.id,
+            occurred=state.timestamp,
+            event=f"prefect.task-run.{state.name}",
+            payload={
+                "intended": {"from": previous.type.value if previous else None, "to": state.type.value},
+                "initial_state": described(previous) if previous else None,
+                "validated_state": described(state) | {"data": None},
+                "task_run": task_run.model_dump(mode="json", exclude_none=True, exclude=TASK_RUN_NOT_SENT),
+            },
+            resource={
+                "prefect.resource.id": f"prefect.task-run.{task_run.id}",
+                "prefect.resource.name": task_run.name,
+                "prefect.run-count": str(task_run.run_count),
+                "prefect.state-message": truncated_to(MAX_MESSAGE, state.message),
+                "prefect.state-name": state.name or "",
+                "prefect.state-timestamp": state.timestamp.isoformat(),
+                "prefect.state-type": state.type.value,
+                "prefect.orchestration": "client",
+            },
+            related=related,
+        )
 
     def _log_line(self, update: RowUpdate) -> LogCreate:
         job = f" (job {update.job_id})" if update.job_id else ""
@@ -439,7 +521,7 @@ class Reporter:
             task_run_id=self._ids[update.index],
         )
 
-    def _emit(self, update: RowUpdate) -> None:
+    def _job_event(self, update: RowUpdate) -> Event:
         """``openeo.job.<status>`` about ``openeo.job.<backend>.<job id>``, related to the flow run and the
         row's task run (for Automations)."""
         backend = update.backend or "none"
@@ -451,7 +533,8 @@ class Reporter:
             related.append(
                 {"prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}", "prefect.resource.role": "flow-run"}
             )
-        emit_event(
+        return Event(
+            occurred=update.at,
             event=f"openeo.job.{update.status}",
             resource={
                 "prefect.resource.id": f"openeo.job.{backend}.{job_id}",
@@ -461,7 +544,6 @@ class Reporter:
                 "openeo.job_id": job_id,
                 "openeo.status": update.status,
             },
-            occurred=update.at,
             related=related,
             payload={"message": update.message},
         )

@@ -295,13 +295,14 @@ def test_two_flow_runs_share_a_backends_global_concurrency_limit(openeo_simulato
 
     from prefect_openeo.limits import limit_name
 
-    openeo_simulator.config.run_duration = 2.0
+    # Long enough that one run alone outlasts the other's start on a loaded machine (4 waves of 3 s and more).
+    openeo_simulator.config.run_duration = 3.0
     worker = Path(__file__).parent / "flow_worker.py"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     dbs = []
     for n in range(2):
         path = tmp_path / f"jobs{n}.csv"
-        create_job_db(path, tiles_df(5))
+        create_job_db(path, tiles_df(8))
         dbs.append(path)
     go = tmp_path / "go"
     runs = [
@@ -318,20 +319,24 @@ def test_two_flow_runs_share_a_backends_global_concurrency_limit(openeo_simulato
         assert all(run.poll() is None for run in runs), "a worker ended before it was ready"
         time.sleep(0.05)
     go.touch()
+    logs = []
     for run in runs:
         _, err = run.communicate(timeout=240)
-        assert run.returncode == 0, err.decode()[-3000:]
+        logs.append(err.decode(errors="replace")[-2000:])
+        assert run.returncode == 0, logs[-1]
     for db in dbs:
         assert set(pd.read_csv(db)["status"]) == {"finished"}
     jobs = openeo_simulator.jobs()
-    assert len(jobs) == 10
+    assert len(jobs) == 16
     assert max_overlap(jobs) <= 2, "two flow runs together exceeded the backend's global concurrency limit"
     by_id = {j["id"]: j for j in jobs}
     spans = []
     for db in dbs:
         mine = [by_id[i] for i in pd.read_csv(db)["id"]]
         spans.append((min(j["created_at"] for j in mine), max(j["ended_at"] for j in mine)))
-    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], "the two runs must have run at the same time"
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], (
+        f"the two runs must have run at the same time: {spans}\n" + "\n---\n".join(logs)
+    )
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(limit_name("sim"))
     assert limit.limit == 2 and limit.active_slots == 0  # every slot was given back
