@@ -389,8 +389,8 @@ class Reporter:
         for index in list(rows):
             while rows[index]:
                 update = rows[index][0]
-                task_run, events = self._state_events(update)
-                sender.send(events)
+                task_run, state_events = self._state_events(update)
+                sender.send(state_events)
                 self._task_runs[index] = task_run  # sent: the next state follows this one
                 rows[index].pop(0)
                 self.sent["states"] += 1
