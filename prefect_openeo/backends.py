@@ -246,6 +246,28 @@ def make_resilient(connection: Connection, reauthenticate: Callable[[], str | No
     return connection
 
 
+def _duration_estimate(details: dict | None, created: float, now: float) -> float:
+    """How long a job that ended took, in seconds: the sweep times aim at its end.
+
+    From the backend's own ``created`` and ``updated`` (its end) where its document has them; else from
+    when this run's creation returned (``created``, epoch seconds) to ``now``, the sweep that saw it ended
+    (which adds the time until that sweep). Timestamps of whole seconds (as openeo-geopyspark-driver's)
+    put the duration within a second either side of their difference: then the latest end those bounds
+    and this run's own clock allow (``updated`` + 1 s, no later than ``now``), since a look that comes too
+    early costs a whole ``poll_sleep`` and one that comes late only its lateness. Where the clocks disagree
+    so much that this leaves the bounds, the difference stands.
+    """
+    took = _backend_duration(details)
+    if took is None:
+        return max(0.0, now - created)
+    stamps = (str(details["created"]), str(details["updated"]))  # _backend_duration found both
+    if any(re.search(r"\d\d:\d\d:\d\d\.\d", stamp) for stamp in stamps):
+        return took
+    ended_by = rfc3339.parse_datetime(stamps[1], with_timezone=True).timestamp() + 1.0
+    latest = min(took + 1.0, ended_by - created, now - created)
+    return latest if latest > took - 1.0 else took
+
+
 def _backend_duration(details: dict | None) -> float | None:
     """Seconds from a job's ``created`` to its ``updated`` (for an ended job: its end), as its backend says."""
     if not isinstance(details, dict) or not details.get("created") or not details.get("updated"):
@@ -395,14 +417,11 @@ class Backend:
             self._to_running.append(max(0.0, now - self._created_here[job_id]))
 
     def note_end(self, job_id: str, now: float, details: dict | None = None) -> None:
-        """A job was seen ended: how long it took counts if this run created it. From the backend's own
-        ``created`` and ``updated`` (its end) where its document has them: exact, on one clock; else from
-        when this run created it to now (which adds the time until this sweep saw it end)."""
+        """A job was seen ended: how long it took counts if this run created it (``_duration_estimate``)."""
         created = self._created_here.pop(job_id, None)
         if created is None:
             return
-        took = _backend_duration(details)
-        self._durations.append(max(0.0, now - created if took is None else took))
+        self._durations.append(_duration_estimate(details, created, now))
 
     def expected_duration(self) -> float | None:
         """The mean time from creation to end of the jobs this run created here (None: fewer than 3 ended)."""
@@ -424,9 +443,9 @@ class Backend:
         """When (epoch seconds) the next sweep of ``jobs`` may learn something; None without jobs.
 
         A waiting job may start running, a running one may end: each is due from ``settings.due_fraction``
-        of the median such time seen on this backend (jobs this run created; an ended job's duration from
-        its backend's own ``created`` and ``updated``, so that the look comes when it ends, not a poll
-        late). Until one was seen, a job is
+        of the median such time seen on this backend (jobs this run created; an ended job's duration as
+        ``_duration_estimate`` has it, so that the look comes when it ends, not a poll late). Until one was
+        seen, a job is
         due once ``settings.backoff_fraction`` of the time since this process first saw it in its status
         has passed since the last sweep (never from recorded times: a resumed run knows nothing newer of its
         jobs than that they were running). Never sooner than ``min_gap`` (the user's ``poll_sleep``) after the

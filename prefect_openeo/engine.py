@@ -301,12 +301,15 @@ class JobEngine:
 
         While downloads run, the first part of the sleep is spent waiting for them instead: each one that
         ends is recorded at once and the next owed download starts, so results never wait for a sweep.
-        Then one ``time.sleep`` call for the rest, as upstream's ``run_jobs``; a stoppable run
+        Where those were the run's last work, it ends without sleeping on. Else one ``time.sleep`` call for
+        the rest, as upstream's ``run_jobs``; a stoppable run
         (``start_job_thread``) sleeps in steps of at most a second so that ``stop_job_thread`` is answered
         quickly, as upstream's thread.
         """
         remaining = self._sleep_seconds()
+        waited_for_downloads = False
         while self._downloading and remaining > 0 and not self.should_stop():
+            waited_for_downloads = True
             began = time.monotonic()
             self._download_ended.wait(min(remaining, 1.0))
             self._download_ended.clear()
@@ -314,8 +317,8 @@ class JobEngine:
                 self._collect_downloads()
                 self._start_downloads()
             remaining -= time.monotonic() - began
-        if remaining <= 0:
-            pass
+        if remaining <= 0 or (waited_for_downloads and not self._has_work()):
+            pass  # the last downloads were the run's last work: it ends now, not a poll later
         elif self.stoppable:
             while remaining > 0 and not self.should_stop():
                 step = min(1.0, remaining)

@@ -124,6 +124,47 @@ def test_sweeps_back_off_until_a_backend_shows_how_long_its_jobs_take():
     assert backend.sweep_due(waiting, 10_000.0 + MAX_SWEEP_GAP)
 
 
+def test_a_duration_from_whole_second_timestamps_aims_at_the_latest_end_they_allow():
+    """openeo-geopyspark-driver's timestamps have whole seconds: 4.5 s from XX:00.6 reads as 5 s (end at
+    XX:05.1), from XX:00.3 as 4 s (end at XX:04.8). The look aims where the job has surely ended (a look
+    too early costs a whole poll_sleep), no later than this run's own clock allows."""
+    from datetime import datetime, timezone
+
+    from prefect_openeo.backends import _duration_estimate
+
+    def stamp(t: float) -> str:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    base = 1_800_000_000.0
+    for phase in (0.05, 0.3, 0.6, 0.95):
+        created, ended = base + phase, base + phase + 4.5
+        details = {"created": stamp(created), "updated": stamp(ended)}
+        estimate = _duration_estimate(details, created + 0.01, now=ended + 0.8)
+        assert 4.5 - 0.01 <= estimate < 5.5, (phase, estimate)  # never early, at most a second late
+        # seen ended sooner than the timestamps' bound: this run's clock is the tighter bound
+        assert _duration_estimate(details, created + 0.01, now=ended + 0.05) <= 4.55
+    # exact timestamps are taken as they are; none at all: from this run's creation to the sweep
+    exact = {"created": "2026-01-01T00:00:00.250Z", "updated": "2026-01-01T00:00:04.750Z"}
+    assert _duration_estimate(exact, 0.0, now=100.0) == pytest.approx(4.5)
+    assert _duration_estimate(None, 10.0, now=16.0) == 6.0
+    # clocks far apart (this run's 30 s behind the backend's): the backend's difference stands
+    details = {"created": stamp(base), "updated": stamp(base + 5)}
+    assert _duration_estimate(details, base + 30, now=base + 40) == 5.0
+
+
+def test_a_run_whose_last_work_is_a_download_ends_then_not_a_poll_later(openeo_simulator, tmp_path):
+    openeo_simulator.config.queue_duration, openeo_simulator.config.run_duration = 0.0, 0.2
+    manager = manager_for(openeo_simulator, poll_sleep=6.0, root_dir=tmp_path / "root")
+    job_db = create_job_db(tmp_path / "jobs.csv", tiles_df(1))
+    began = time.monotonic()
+    manager.run_jobs(job_db=job_db, start_job=ndvi_job)
+    took = time.monotonic() - began
+    assert job_db.read()["status"].tolist() == ["finished"]
+    assert list((tmp_path / "root").rglob("*.tif")), "the result was downloaded"
+    # sweeps at 0 s (create, start) and 6 s (finished: download); it used to sleep 6 s more after that
+    assert took < 10.5, f"{took:.1f} s"
+
+
 def test_a_resumed_run_backs_off_from_when_it_first_saw_a_job_not_from_old_records():
     from prefect_openeo.backends import Backend
 
