@@ -104,6 +104,12 @@ def summary(df: pd.DataFrame) -> dict[str, Any]:
 #: Up to this many jobs the timeline gives each job its own labelled line; above, each backend's jobs are
 #: packed into as few lines as they need (still one bar per job), so the picture stays readable at any size.
 LABELLED_JOBS = 40
+#: Above this many jobs the timeline draws, per backend, how many jobs were waiting and running at each
+#: moment (stacked by the status they ended in) rather than a bar per job: a bar per job costs a minute
+#: and a gigabyte at 40,000 jobs, and no one can read 40,000 bars.
+BARS_UP_TO = 2_000
+#: Moments the counted timeline is sampled at, across the run's span.
+COUNT_SAMPLES = 800
 #: Time between creating a job and first seeing it running.
 WAITING_COLOR = "#c6dbef"
 #: The neutral colour of the legend's samples of line styles (the bars themselves take their status' colour).
@@ -288,9 +294,12 @@ def timeline_figure(
     """Jobs over time in one band per backend: waiting, then running in the colour of the job's status.
 
     The time axis reads in seconds, minutes, hours or days after the first job's creation, as the run's span
-    calls for. ``now`` (default: the current time) is where jobs still active end.
+    calls for. ``now`` (default: the current time) is where jobs still active end. Above ``BARS_UP_TO`` jobs:
+    :func:`counted_timeline_figure`.
     """
     now = _utc(now) if now is not None else pd.Timestamp.now(tz="UTC")
+    if "start_time" in df.columns and df["start_time"].notna().sum() > BARS_UP_TO:
+        return counted_timeline_figure(df, width=width, height=height, now=now)
     jobs = job_times(df, now)
     fig = _new_figure(width, height)
     ax = fig.add_subplot()
@@ -368,6 +377,105 @@ def timeline_figure(
     return fig
 
 
+def _spans(df: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
+    """Each started row's waiting and running span (nanoseconds since the epoch; NaN where it has none), as
+    :func:`job_times` reads them, for all rows at once."""
+    import numpy as np
+
+    started = df[_timestamps(df, "start_time").notna()]
+    created = _timestamps(started, "start_time").astype("int64").to_numpy().astype(float)
+    seen = _timestamps(started, "running_start_time")
+    running = np.where(seen.notna(), seen.astype("int64").to_numpy(), np.nan).astype(float)
+    durations = started["duration"] if "duration" in started.columns else pd.Series(None, index=started.index)
+    ran = durations.map(usage_seconds).astype(float).to_numpy() * 1e9
+    status = started["status"].astype(str).to_numpy()
+    active = np.isin(status, list(ACTIVE))
+    now_ns = float(now.value)
+    known_start = ~np.isnan(running)
+    # running from when first seen running, else (seen ended, or running now) from creation
+    run_from = np.where(known_start, running, np.where(active & (status != "running"), np.nan, created))
+    run_to = np.where(active, now_ns, run_from + ran)
+    wait_to = np.where(known_start, running, np.where(active & (status != "running"), now_ns, np.nan))
+    return pd.DataFrame(
+        {
+            "backend": started["backend_name"].fillna("(no backend)").astype(str).to_numpy()
+            if "backend_name" in started.columns
+            else "(no backend)",
+            "status": status,
+            "created": created,
+            "wait_to": np.where(wait_to > created, wait_to, np.nan),
+            "run_from": run_from,
+            "run_to": run_to,
+        },
+        index=started.index,
+    )
+
+
+def _covering(starts: Any, ends: Any, moments: Any) -> Any:
+    """How many of the spans [start, end) cover each moment."""
+    import numpy as np
+
+    keep = ~(np.isnan(starts) | np.isnan(ends))
+    starts, ends = np.sort(starts[keep]), np.sort(ends[keep])
+    return np.searchsorted(starts, moments, side="right") - np.searchsorted(ends, moments, side="right")
+
+
+def counted_timeline_figure(
+    df: pd.DataFrame, *, width: int = 1000, height: int = 600, now: pd.Timestamp | None = None
+) -> Figure:
+    """Jobs over time for campaigns: a panel per backend with how many of its jobs were waiting and how
+    many running at each moment, the running ones stacked by the status they ended in (or are in), so a
+    backend's busy slots, its queue and its failures read at a glance at any number of jobs."""
+    import numpy as np
+
+    now = _utc(now) if now is not None else pd.Timestamp.now(tz="UTC")
+    spans = _spans(df, now)
+    origin = spans["created"].min()
+    last = np.nanmax(spans[["created", "wait_to", "run_to"]].to_numpy())
+    span = max((last - origin) / 1e9, 1.0)
+    unit, length = time_unit(span)
+    moments = np.linspace(origin, origin + span * 1e9, COUNT_SAMPLES)
+    xs = (moments - origin) / 1e9 / length
+    backends = sorted(spans["backend"].unique())
+    fig = _new_figure(width, height)
+    axes = fig.subplots(len(backends), 1, sharex=True, squeeze=False)[:, 0]
+    statuses = _status_order(spans["status"])
+    for ax, backend in zip(axes, backends, strict=True):
+        mine = spans[spans["backend"] == backend]
+        layers = [
+            ("waiting", WAITING_COLOR, _covering(mine["created"].to_numpy(), mine["wait_to"].to_numpy(), moments))
+        ]
+        for status in statuses:
+            of = mine[mine["status"] == status]
+            if not of.empty:
+                counts = _covering(of["run_from"].to_numpy(), of["run_to"].to_numpy(), moments)
+                layers.append((status, STATUS_COLORS.get(status, "#000000"), counts))
+        layers = [layer for layer in layers if layer[2].any()]
+        if layers:
+            ax.stackplot(xs, *[c for _, _, c in layers], colors=[c for _, c, _ in layers], step="post", gid="counts")
+        ax.set_ylabel(f"{backend}\n{len(mine)} jobs", fontsize=9, fontweight="bold")
+        ax.grid(axis="both", color="0.9")
+        ax.set_axisbelow(True)
+        ax.set_ylim(bottom=0)
+        if (mine["status"].isin(list(ACTIVE))).any():
+            ax.axvline((now.value - origin) / 1e9 / length, color=STYLE_SAMPLE_COLOR, linestyle=":", linewidth=1)
+    axes[-1].set_xlim(0, span / length)
+    axes[-1].set_xlabel(
+        f"{unit} since the first job was created ({pd.Timestamp(int(origin), tz='UTC'):%Y-%m-%d %H:%M:%S} UTC)"
+    )
+    title = f"Jobs per backend over time: {len(spans)} jobs waiting, and running by their status"
+    if len(df) > len(spans):
+        title += f" ({len(df) - len(spans)} rows not started)"
+    axes[0].set_title(title)
+    from matplotlib.patches import Patch
+
+    counts = spans["status"].value_counts()
+    handles = [Patch(color=WAITING_COLOR, label="waiting: created → first seen running")]
+    handles += [Patch(color=STATUS_COLORS.get(s, "#000000"), label=f"{s} ({counts[s]})") for s in statuses]
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    return fig
+
+
 def plot_timeline(
     df: pd.DataFrame, path: str | Path, *, width: int = 1000, height: int = 600, now: pd.Timestamp | None = None
 ) -> Path:
@@ -389,6 +497,25 @@ def _in_degrees(tiles: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, bool]:
         return (tiles if tiles.crs.to_epsg() == 4326 else tiles.to_crs("EPSG:4326")), True
     west, south, east, north = tiles.total_bounds
     return tiles, -180 <= west <= east <= 180 and -90 <= south <= north <= 90
+
+
+#: Up to this many tiles the map draws their edges and the outline of the area they cover; above, the
+#: tiles' fill alone shows the area (an outline of 40,000 tiles costs seconds and shows nothing more).
+OUTLINED_TILES = 5_000
+
+
+def _tile_collection(geometry: gpd.GeoSeries, colour: str, *, edges: bool) -> Any:
+    """The tiles' outer rings as one collection: drawn at once (geopandas makes a path per tile, which
+    costs seconds at 40,000 tiles); tiles have no holes worth drawing."""
+    import numpy as np
+    import shapely
+    from matplotlib.collections import PolyCollection
+
+    rings = shapely.get_exterior_ring(shapely.get_parts(geometry.to_numpy()))
+    coordinates, owner = shapely.get_coordinates(rings, return_index=True)
+    polygons = np.split(coordinates, np.flatnonzero(np.diff(owner)) + 1) if len(coordinates) else []
+    style = {"edgecolor": "white", "linewidth": 0.5} if edges else {"edgecolor": "face", "linewidth": 0.0}
+    return PolyCollection(polygons, facecolor=colour, gid="tiles", **style)
 
 
 def _outline(ax: Axes, tiles: gpd.GeoDataFrame) -> Any:
@@ -442,7 +569,8 @@ def _label_tiles(ax: Axes, tiles: pd.DataFrame, statuses: pd.Series) -> None:
 
 
 def map_figure(df: pd.DataFrame, *, width: int = 1000, height: int = 800) -> Figure:
-    """The tiles coloured by status on lon/lat axes, the outline of the area they cover, and a legend."""
+    """The tiles coloured by status on lon/lat axes, the outline of the area they cover (up to
+    ``OUTLINED_TILES``), and a legend."""
     import geopandas as gpd
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -464,10 +592,10 @@ def map_figure(df: pd.DataFrame, *, width: int = 1000, height: int = 800) -> Fig
     handles: list[Any] = []
     for status in present:
         colour = STATUS_COLORS.get(status, "#000000")
-        mine = tiles[statuses == status]
-        mine.plot(ax=ax, color=colour, edgecolor="white", linewidth=0.5)
+        mine = tiles.geometry[(statuses == status).to_numpy()]
+        ax.add_collection(_tile_collection(mine, colour, edges=len(tiles) <= OUTLINED_TILES))
         handles.append(Patch(color=colour, label=f"{status} ({len(mine)})"))
-    if _outline(ax, tiles) is not None:
+    if len(tiles) <= OUTLINED_TILES and _outline(ax, tiles) is not None:
         handles.append(Line2D([], [], color="black", linewidth=1.2, label="area covered (union of the tiles)"))
     _label_tiles(ax, tiles, statuses)
     ax.set_xlim(west - margin, east + margin)

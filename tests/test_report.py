@@ -308,3 +308,64 @@ def test_map_of_projected_tiles_is_drawn_in_lon_lat():
     ax = map_figure(df).axes[0]
     x0, x1 = ax.get_xlim()
     assert 9.9 < x0 < 10 and 11.5 < x1 < 11.6
+
+
+def campaign(n: int, backends: int = 2) -> pd.DataFrame:
+    """``n`` jobs in waves of 100 per backend: created every 3 minutes, waiting 1 minute, running 2; every
+    50th in error; the last wave still running at T0 + (waves x 3 - 1) minutes."""
+    waves = n // (100 * backends)
+    rows = []
+    for i in range(n):
+        wave = i // (100 * backends)
+        created = T0 + pd.Timedelta(minutes=3 * wave)
+        last = wave == waves - 1
+        rows.append(
+            {
+                "backend_name": f"b{i % backends}",
+                "status": "running" if last else ("error" if i % 50 == 0 else "finished"),
+                "start_time": rfc3339(created),
+                "running_start_time": rfc3339(created + pd.Timedelta(minutes=1)),
+                "duration": None if last else "120 seconds",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_a_campaign_timeline_counts_jobs_waiting_and_running_per_backend_by_how_they_ended():
+    df = campaign(2_400)  # 12 waves of 200
+    now = T0 + pd.Timedelta(minutes=3 * 11 + 2)  # the last wave has run for a minute
+    fig = timeline_figure(df, now=now)
+    axes = fig.axes
+    assert [ax.get_ylabel() for ax in axes] == ["b0\n1200 jobs", "b1\n1200 jobs"]
+    texts, colours = legend(fig)
+    errors = int((df["status"] == "error").sum())
+    assert texts == [
+        "waiting: created → first seen running",
+        f"running ({(df['status'] == 'running').sum()})",
+        f"finished ({(df['status'] == 'finished').sum()})",
+        f"error ({errors})",
+    ]
+    assert {WAITING_COLOR, STATUS_COLORS["finished"], STATUS_COLORS["error"]} <= colours
+    # counts, not bars: each backend runs 100 jobs at a time, 2 of them to end in error (every 50th row)
+    ax = axes[0]
+    assert not ax.patches and ax.collections
+    stacked = [c for c in ax.collections if c.get_gid() == "counts"]
+    tops = max(path.vertices[:, 1].max() for c in stacked for path in c.get_paths())
+    assert tops == pytest.approx(100)
+    red = [c for c in stacked if to_hex(c.get_facecolor()[0]) == STATUS_COLORS["error"]]
+    assert red and max(path.vertices[:, 1].max() - path.vertices[:, 1].min() for path in red[0].get_paths()) > 0
+
+
+def test_a_campaign_map_draws_every_tile_and_labels_the_failed_ones():
+    side = 80  # 6,400 tiles: above the outlined size
+    cells = [(c, r) for r in range(side) for c in range(side)]
+    geometry = [box(10 + 0.01 * c, 60 + 0.01 * r, 10 + 0.01 * (c + 1), 60 + 0.01 * (r + 1)) for c, r in cells]
+    statuses = ["finished"] * len(cells)
+    for i in (3, 777, 6399):
+        statuses[i] = "error"
+    df = gpd.GeoDataFrame({"status": statuses}, geometry=geometry, crs="EPSG:4326")
+    ax = map_figure(df).axes[0]
+    tiles = [c for c in ax.collections if c.get_gid() == "tiles"]
+    assert sum(len(c.get_paths()) for c in tiles) == len(df)
+    assert not [line for line in ax.lines if line.get_gid() == "area-outline"]
+    assert sorted(t.get_text() for t in ax.texts) == ["3", "6399", "777"]
