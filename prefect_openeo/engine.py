@@ -62,6 +62,10 @@ NO_CAP = 1_000_000
 STILL_WAITING_EVERY = 60.0
 
 
+#: Between sweeps, download outcomes are written at most this often (seconds): see ``_collect_downloads``.
+OUTCOMES_EVERY = 1.0
+
+
 class BackendsGaveOut(RuntimeError):
     """The run ended with rows left that only backends it gave up on (unreachable for too long) could do."""
 
@@ -193,6 +197,9 @@ class JobEngine:
         #: Downloads running (row -> future, and the row as claimed) and those owed in this run (attempts, backoff).
         self._downloading: dict[Any, concurrent.futures.Future] = {}
         self._download_rows: dict[Any, pd.Series] = {}
+        #: Downloads that ended, their outcome not written yet (``_collect_downloads``): (patch, row) by row.
+        self._download_outcomes: dict[Any, tuple[Patch | None, pd.Series]] = {}
+        self._outcomes_written = time.monotonic()
         self._downloads: dict[Any, _Download] = {}
         self._download_ended = threading.Event()
         #: ``start_job`` failures in a row that are the same failure, and the failures already logged in full.
@@ -314,7 +321,7 @@ class JobEngine:
             self._download_ended.wait(min(remaining, 1.0))
             self._download_ended.clear()
             with self._lock:
-                self._collect_downloads()
+                self._collect_downloads(at_once=False)
                 self._start_downloads()
             remaining -= time.monotonic() - began
         if remaining <= 0 or (waited_for_downloads and not self._has_work()):
@@ -408,16 +415,26 @@ class JobEngine:
         if errors:
             raise errors[0]
 
-    def _collect_downloads(self) -> None:
-        """Record the outcome of every download that ended (one write for all of them)."""
-        ended = [(index, future) for index, future in self._downloading.items() if future.done()]
-        if not ended:
-            return
-        rows = pd.DataFrame([self._download_rows.pop(index) for index, _ in ended])
-        for index, _ in ended:
+    def _collect_downloads(self, at_once: bool = True) -> None:
+        """Record the outcome of every download that ended, in one write for all of them.
+
+        Between sweeps (``at_once`` False) outcomes are written at most once per ``OUTCOMES_EVERY`` seconds,
+        and as soon as no download is running: a write of a file job database costs as much as its rows,
+        and one per download made a 10,000-row campaign quadratic. An outcome not written yet is not lost
+        work: its results are on disk, and a run stopped before the write downloads them again."""
+        for index, future in [(i, f) for i, f in self._downloading.items() if f.done()]:
             del self._downloading[index]
-        patches = [p for index, future in ended if (p := self._download_done(rows.loc[index], index, future))]
-        self._write(patches, rows)
+            row = self._download_rows.pop(index)
+            self._download_outcomes[index] = (self._download_done(row, index, future), row)
+        if not self._download_outcomes:
+            return
+        due = time.monotonic() - self._outcomes_written >= OUTCOMES_EVERY or not self._downloading
+        if not (at_once or due):
+            return
+        outcomes, self._download_outcomes = self._download_outcomes, {}
+        self._outcomes_written = time.monotonic()
+        rows = pd.DataFrame([row for _, row in outcomes.values()])
+        self._write([patch for patch, _ in outcomes.values() if patch], rows)
 
     def _apply(self, result: LaneResult) -> None:
         for key, value in result.stats.items():
@@ -630,7 +647,8 @@ class JobEngine:
         free = self.download_workers - len(self._downloading)
         if free <= 0:
             return
-        rows = self.store.claim_downloads(free, exclude=[*self._downloading, *waiting], backends=list(self.backends))
+        exclude = [*self._downloading, *self._download_outcomes, *waiting]
+        rows = self.store.claim_downloads(free, exclude=exclude, backends=list(self.backends))
         for index, row in rows.iterrows():
             backend = self.backends[row["backend_name"]]
             download = self._downloads.setdefault(index, _Download())

@@ -270,7 +270,8 @@ def test_a_60_second_outage_of_one_backend_does_not_stall_the_other(openeo_simul
     time.sleep(1.5 + 55)  # near the end of the outage
     during = pd.read_csv(db_path)
     finished_on_b = int(((during["backend_name"] == "b") & (during["status"] == "finished")).sum())
-    assert finished_on_b >= 5, during[["status", "backend_name"]]  # b went on: 8 s jobs, one at a time
+    # b went on: 8 s jobs one at a time, 6 at best in 56 s (4 leaves room for a loaded machine)
+    assert finished_on_b >= 4, during[["status", "backend_name"]]
     a_before = sim_a.created_count()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and set(pd.read_csv(db_path)["status"]) != {"finished"}:
