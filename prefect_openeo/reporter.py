@@ -38,6 +38,7 @@ from prefect.events.clients import get_events_client
 from prefect.states import Cancelled, Completed, Failed, Pending, Running, State
 from prefect.utilities.text import truncated_to
 
+from prefect_openeo.chunk_runs import ChunkRuns
 from prefect_openeo.settings import settings
 from prefect_openeo.states import TERMINAL
 
@@ -186,6 +187,7 @@ class Reporter:
     :param tags: extra tags of a row's task run, from its first update.
     :param max_events: events waiting, at most (then non-terminal ones are dropped, and counted).
     :param linger: seconds to let updates gather before sending them.
+    :param task_runs_per_run: job task runs in the flow run at most; more go into subflow runs (``chunk_runs``).
     """
 
     def __init__(
@@ -198,8 +200,13 @@ class Reporter:
         tags: Callable[[RowUpdate], list[str]] = lambda u: [],
         max_events: int | None = None,
         linger: float | None = None,
+        task_runs_per_run: int | None = None,
     ):
         self.flow_run_id = flow_run_id
+        per_run = settings.task_runs_per_run if task_runs_per_run is None else task_runs_per_run
+        self._chunks = ChunkRuns(flow_run_id, per_run)
+        #: The events thread's REST client (made when a chunk's subflow run is first needed).
+        self._chunk_client: Any = None
         self._task = task
         self._client_factory = client_factory
         self._name, self._tags = name, tags
@@ -243,6 +250,7 @@ class Reporter:
         with self._lock:
             self._start()
             self._ids.setdefault(update.index, uuid.uuid4())
+            self._chunks.place(update.index)
             self._rows[update.index] = coalesce([*self._rows.get(update.index, []), update])
             if len(self._events) < self._max_events or self._drop_an_event(update):
                 self._events.append(update)
@@ -366,6 +374,8 @@ class Reporter:
                             self._in_flight[lane] = {}
         finally:
             if lane == "events":
+                if not self._abandoned:
+                    self._finish_chunks()
                 with self._lock:
                     self._events_done = True
                     self._lock.notify_all()
@@ -389,6 +399,8 @@ class Reporter:
         for index in list(rows):
             while rows[index]:
                 update = rows[index][0]
+                if self._chunks.place(index):
+                    self._chunks.ensure(self._rest_for_chunks(), index)
                 task_run, state_events = self._state_events(update)
                 sender.send(state_events)
                 self._task_runs[index] = task_run  # sent: the next state follows this one
@@ -403,6 +415,27 @@ class Reporter:
             sender.send([self._job_event(events[0])])
             events.pop(0)
             self.sent["events"] += 1
+
+    def _rest_for_chunks(self) -> Any:
+        if self._chunk_client is None:
+            client = self._client_factory()
+            client.__enter__()
+            self._chunk_client = client
+        return self._chunk_client
+
+    def _finish_chunks(self) -> None:
+        """End the chunks' subflow runs in the state of their jobs (once, as the events thread ends)."""
+        if self._chunk_client is None:
+            return
+        try:
+            self._chunks.finish(self._chunk_client, self._task_runs)
+        except Exception as e:
+            self.failures += 1
+            self.last_error = repr(e)[:300]
+            _log.warning(f"Could not end the subflow runs that hold this run's jobs: {e!r}")
+        finally:
+            self._chunk_client.__exit__(None, None, None)
+            self._chunk_client = None
 
     def _send_rest(self, client: Any, batch: dict) -> None:
         """Send a batch's log lines and artifacts, removing from it what was sent."""
@@ -428,7 +461,7 @@ class Reporter:
             task_run = TaskRun(
                 id=self._ids[update.index],
                 name=self._name(update),
-                flow_run_id=self.flow_run_id,
+                flow_run_id=self._chunks.flow_run_of(update.index),
                 task_key=self._task.task_key,
                 dynamic_key=f"row-{update.index}",
                 task_version=self._task.version,
@@ -455,7 +488,7 @@ class Reporter:
         if previous is not None and state.timestamp <= previous.timestamp:  # the server keeps the latest only
             state.timestamp = previous.timestamp + datetime.timedelta(microseconds=1)
         state.state_details.task_run_id = task_run.id
-        state.state_details.flow_run_id = self.flow_run_id
+        state.state_details.flow_run_id = task_run.flow_run_id
         if previous is not None and previous.is_running():
             task_run.total_run_time += state.timestamp - previous.timestamp
         if state.is_running() and not (previous is not None and previous.is_running()):
@@ -483,9 +516,9 @@ class Reporter:
             {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
             for tag in sorted(task_run.tags)
         ]
-        if self.flow_run_id is not None:
+        if task_run.flow_run_id is not None:
             related.append(
-                {"prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}", "prefect.resource.role": "flow-run"}
+                {"prefect.resource.id": f"prefect.flow-run.{task_run.flow_run_id}", "prefect.resource.role": "flow-run"}
             )
         return Event(
             id=state.id,

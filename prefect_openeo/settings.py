@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     flush_timeout: float = Field(60.0, ge=0, description="Longest a run's end waits for Prefect (seconds).")
     reporter_max_events: int = Field(10_000, ge=1, description="Updates queued for Prefect before coalescing.")
     reporter_linger: float = Field(0.3, ge=0, description="Time the reporter gathers updates into one batch (s).")
+    task_runs_per_run: int = Field(
+        5_000,
+        ge=1,
+        description="Job task runs in one flow run at most; further jobs go into subflow runs of as many each "
+        "(Prefect's UI draws no graph of more than 10,000 nodes).",
+    )
     local_stop_wait: float = Field(30.0, gt=0, description="Ctrl-C with --local: longest wait for the loop (s).")
 
     # -- storage ---------------------------------------------------------------------------------------

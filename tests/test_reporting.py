@@ -340,3 +340,73 @@ def test_summary_links_open_in_a_browser(tmp_path):
     (row,) = [line for line in text.splitlines() if line.startswith("| 1 |")]
     assert row.startswith("| 1 | s3 | j-2 | error | ExecutorLost: xxx") and row.endswith("… |")
     assert len(row) < 350 and "start_job raised ValueError('no band B99')" in text  # a reason as long as a row's
+
+
+def test_a_campaign_larger_than_a_run_holds_puts_further_jobs_in_subflow_runs(openeo_simulator, tmp_path, monkeypatch):
+    """Prefect draws no graph of more than 10,000 nodes: past ``task_runs_per_run`` jobs (lowered to 4 here),
+    each further block of jobs has a subflow run of its own, a node of the run's graph; every job keeps its
+    task run, final and matching its row; a block with a failed job ends Failed, the others Completed."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+        TaskRunFilterTags,
+    )
+
+    from prefect_openeo.observe import prefect_state
+
+    monkeypatch.setattr(settings, "task_runs_per_run", 4)
+
+    def start_job(row, connection, **kwargs):
+        if row.name == 9:
+            raise ValueError("no such collection")
+        return ndvi_job(row, connection, **kwargs)
+
+    @flow(name="campaign-flow")
+    def campaign() -> dict:
+        manager = MultiBackendJobManager(poll_sleep=0.1, root_dir=tmp_path / "results")
+        manager.add_backend("sim", connection=openeo.connect(openeo_simulator.url), parallel_jobs=3)
+        return dict(manager.run_jobs(job_db=tmp_path / "jobs.csv", df=tiles_df(10), start_job=start_job))
+
+    state = campaign(return_state=True)
+    assert state.is_completed(), state
+    df = pd.read_csv(tmp_path / "jobs.csv")
+    assert df["status"].tolist() == ["finished"] * 9 + ["start_failed"]
+    main = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(main)
+        chunks = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[main]))
+        )
+        chunks = sorted(chunks, key=lambda run: run.name)
+        assert [run.name for run in chunks] == [f"{parent.name}-jobs-5-8", f"{parent.name}-jobs-9-10"]
+        placeholders = client.read_task_runs(
+            task_run_filter=TaskRunFilter(
+                flow_run_id=TaskRunFilterFlowRunId(any_=[main]), tags=TaskRunFilterTags(all_=["openeo-chunk"])
+            )
+        )
+        assert sorted(run.name for run in placeholders) == ["jobs 5-8", "jobs 9-10"]
+        assert {run.parent_task_run_id for run in chunks} == {run.id for run in placeholders}
+        graph = client.request("GET", "/flow_runs/{id}/graph-v2", path_params={"id": main}).json()
+    kinds = collections.Counter(node["kind"] for _, node in graph["nodes"])
+    assert kinds["flow-run"] == 2, kinds
+    rows = {}
+    for run_id, held in ((main, 4), (chunks[0].id, 4), (chunks[1].id, 2)):
+        runs = settled_task_runs(run_id, held)
+        assert len(runs) == held and all(run.state.is_final() for run in runs), runs
+        rows.update({int(run.name.split(" ")[1]): run for run in runs})
+    assert sorted(rows) == list(range(10))
+    for index, row in df.iterrows():
+        assert rows[index].state.name == prefect_state(row["status"]).name
+    deadline = time.monotonic() + 30  # the chunks end with the run (force-set as the reporter closes)
+    with get_client(sync_client=True) as client:
+        while True:
+            ended = [client.read_flow_run(run.id).state for run in chunks]
+            if all(s.is_final() for s in ended) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert [s.type.value for s in ended] == ["COMPLETED", "FAILED"], ended
+    assert ended[1].message == "1 of 2 jobs completed, 1 failed"
