@@ -422,6 +422,7 @@ class BackendState:
             "started_at": job.started_at,
             "running_at": job.running_at,
             "ended_at": job.ended_at,
+            "ended_wall": None if job.ended_at is None else self.wall(job.ended_at),
             "canceled_at": job.canceled_at,
             "start_count": job.start_count,
             "cancel_count": job.cancel_count,
