@@ -47,6 +47,10 @@ _log = logging.getLogger("prefect_openeo")
 #: Waits after a failed request: the first, and the longest (seconds).
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
+#: Statuses that emit an ``openeo.job.<status>`` event: a job's creation (it costs from then on) and its end,
+#: what automations act on. Its waiting and running are its task run's states (``prefect.task-run.*``
+#: events too): one event per transition more would double what a campaign writes to Prefect's database.
+JOB_EVENTS = frozenset({"created", *TERMINAL})
 #: Statuses whose task run gets a log line saying why, and how it says they ended.
 ENDED = {"error": "ended in error", "start_failed": "could not be started", "canceled": "was canceled"}
 
@@ -246,13 +250,13 @@ class Reporter:
 
     # -- the engine's side: hand over, never wait ---------------------------------------------------
     def row(self, update: RowUpdate) -> None:
-        """A row's new status: its task run's state (and an event)."""
+        """A row's new status: its task run's state (and an ``openeo.job.*`` event, for ``JOB_EVENTS``)."""
         with self._lock:
             self._start()
             self._ids.setdefault(update.index, uuid.uuid4())
             self._chunks.place(update.index)
             self._rows[update.index] = coalesce([*self._rows.get(update.index, []), update])
-            if len(self._events) < self._max_events or self._drop_an_event(update):
+            if update.status in JOB_EVENTS and (len(self._events) < self._max_events or self._drop_an_event(update)):
                 self._events.append(update)
             self._lock.notify_all()
 

@@ -137,3 +137,80 @@ def test_a_failed_jobs_reason_shows_on_its_task_run_page_and_everywhere_else(ope
     assert status.exit_code == 0, status.output
     problems = {str(p["row"]): p for p in json.loads(status.output)["problems"]}
     assert problems["0"]["message"] == reason and problems["0"]["status"] == "error"
+
+
+def click_link(driver, text: str, timeout: float = 120) -> None:
+    """Click the first link whose text holds ``text``, waiting for the UI to show it."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            links = [a for a in driver.find_elements(By.TAG_NAME, "a") if text in a.text]
+            if links:
+                links[0].click()
+                return
+        except Exception:  # the page is being rebuilt
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"no link {text!r} on {driver.current_url}: {driver.find_element(By.TAG_NAME, 'body').text[-2000:]!r}"
+            )
+        time.sleep(1)
+
+
+def test_a_campaign_in_chunks_leads_from_the_run_to_a_failed_jobs_reason_in_two_clicks(openeo_simulator, tmp_path):
+    """A run of more jobs than one flow run holds (``PREFECT_OPENEO_TASK_RUNS_PER_RUN`` lowered to 2 for 5
+    rows): from the run's page, its subflow run of the last jobs (one click), then the failed job's task run
+    (another), shows the backend's reason."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from prefect_openeo.testing import local_prefect_server
+
+    driver = chromium_driver(tmp_path / "chromium-profile")
+    openeo_simulator.config.failure_rate = 1.0
+    job_db = tmp_path / "jobs.csv"
+    flow_run = FLOW_RUN.replace("tiles_df(2)", "tiles_df(5)")
+    try:
+        with local_prefect_server(str(tmp_path / "prefect-home"), ui=True) as (api_url, env):
+            env = {
+                **env,
+                "PREFECT_OPENEO_TASK_RUNS_PER_RUN": "2",
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
+            }
+            done = subprocess.run(
+                [sys.executable, "-c", flow_run, str(job_db), openeo_simulator.url, str(tmp_path / "results")],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            df = pd.read_csv(job_db)
+            assert list(df["status"]) == ["error"] * 5
+            with SyncPrefectClient(api_url) as client:
+                chunks = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run["flow_run_id"]])
+                    )
+                )
+            last = max(chunks, key=lambda c: c.name)
+            assert len(chunks) == 2 and last.name.endswith("-jobs-5-5"), [c.name for c in chunks]
+            (job,) = settled_task_runs(last.id, 1, api_url=api_url)
+            index = int(job.name.split(" ")[1])
+            reason = df.at[index, "message"]
+            assert "simulated error" in reason and job.state.message == reason
+
+            base = api_url.removesuffix("/api")
+            driver.get(f"{base}/runs/flow-run/{run['flow_run_id']}?tab=Subflow%20Runs")
+            click_link(driver, last.name)  # one click: the subflow run of the last jobs
+            page_text_with(driver, driver.current_url.split("?")[0] + "?tab=Task%20Runs", job.name)
+            click_link(driver, job.name)  # two: the failed job's task run
+            shown = page_text_with(driver, driver.current_url, reason)
+            if reason not in shown:
+                driver.save_screenshot(str(tmp_path / "task-run-page.png"))
+            assert reason in shown, f"{driver.current_url} does not show {reason!r}; it shows: {shown[-2000:]!r}"
+    finally:
+        driver.quit()
