@@ -133,9 +133,8 @@ def chunk_state(counts: Mapping[StateType | None, int]) -> State:
     done = counts.get(StateType.COMPLETED, 0)
     total = sum(counts.values())
     unfinished = total - failed - cancelled - done
-    parts = [f"{done} of {total} jobs completed"]
-    parts += [f"{n} {what}" for n, what in ((failed, "failed"), (cancelled, "canceled"), (unfinished, "unfinished"))]
-    message = ", ".join(p for p in parts if not p.startswith("0 "))
+    kinds = ((done, "completed"), (failed, "failed"), (cancelled, "canceled"), (unfinished, "unfinished"))
+    message = f"{total:,} job{'s' if total != 1 else ''}: " + ", ".join(f"{n:,} {what}" for n, what in kinds if n)
     if failed:
         return Failed(message=message)
     if unfinished:

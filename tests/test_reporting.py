@@ -410,4 +410,4 @@ def test_a_campaign_larger_than_a_run_holds_puts_further_jobs_in_subflow_runs(op
                 break
             time.sleep(0.5)
     assert [s.type.value for s in ended] == ["COMPLETED", "FAILED"], ended
-    assert ended[1].message == "1 of 2 jobs completed, 1 failed"
+    assert [s.message for s in ended] == ["4 jobs: 4 completed", "2 jobs: 1 completed, 1 failed"]

@@ -139,30 +139,46 @@ def test_a_failed_jobs_reason_shows_on_its_task_run_page_and_everywhere_else(ope
     assert problems["0"]["message"] == reason and problems["0"]["status"] == "error"
 
 
-def click_link(driver, text: str, timeout: float = 120) -> None:
-    """Click the first link whose text holds ``text``, waiting for the UI to show it."""
+def text_shown(driver, text: str, timeout: float = 60) -> str:
+    """Wait (without loading the page again) until the page shows ``text``; the page's text."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    shown = ""
+    while time.monotonic() < deadline:
+        try:
+            shown = driver.find_element(By.TAG_NAME, "body").text
+        except Exception:  # the page is being rebuilt
+            shown = ""
+        if text in shown:
+            break
+        time.sleep(0.5)
+    return shown
+
+
+def click(driver, text: str, timeout: float = 120) -> None:
+    """Click the innermost element showing exactly ``text`` (a link, a tab), waiting for the UI to show it."""
     from selenium.webdriver.common.by import By
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            links = [a for a in driver.find_elements(By.TAG_NAME, "a") if text in a.text]
-            if links:
-                links[0].click()
+            found = driver.find_elements(By.XPATH, f"//body//*[normalize-space(.)={json.dumps(text)}]")
+            if found:
+                found[-1].click()  # the innermost (document order puts ancestors first)
                 return
         except Exception:  # the page is being rebuilt
             pass
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"no link {text!r} on {driver.current_url}: {driver.find_element(By.TAG_NAME, 'body').text[-2000:]!r}"
-            )
+            shown = driver.find_element(By.TAG_NAME, "body").text
+            raise AssertionError(f"nothing shows {text!r} on {driver.current_url}: {shown[-2000:]!r}")
         time.sleep(1)
 
 
-def test_a_campaign_in_chunks_leads_from_the_run_to_a_failed_jobs_reason_in_two_clicks(openeo_simulator, tmp_path):
+def test_a_campaign_in_chunks_shows_every_failure_on_the_run_and_its_jobs_in_subflow_runs(openeo_simulator, tmp_path):
     """A run of more jobs than one flow run holds (``PREFECT_OPENEO_TASK_RUNS_PER_RUN`` lowered to 2 for 5
-    rows): from the run's page, its subflow run of the last jobs (one click), then the failed job's task run
-    (another), shows the backend's reason."""
+    rows): the run's page shows every failure's reason and its job; its Subflow Runs tab (one click) lists the
+    chunks; a chunk's Task Runs tab lists its jobs' task runs, the failed one Failed."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
@@ -204,13 +220,21 @@ def test_a_campaign_in_chunks_leads_from_the_run_to_a_failed_jobs_reason_in_two_
             assert "simulated error" in reason and job.state.message == reason
 
             base = api_url.removesuffix("/api")
-            driver.get(f"{base}/runs/flow-run/{run['flow_run_id']}?tab=Subflow%20Runs")
-            click_link(driver, last.name)  # one click: the subflow run of the last jobs
-            page_text_with(driver, driver.current_url.split("?")[0] + "?tab=Task%20Runs", job.name)
-            click_link(driver, job.name)  # two: the failed job's task run
-            shown = page_text_with(driver, driver.current_url, reason)
-            if reason not in shown:
-                driver.save_screenshot(str(tmp_path / "task-run-page.png"))
-            assert reason in shown, f"{driver.current_url} does not show {reason!r}; it shows: {shown[-2000:]!r}"
+            main_page = f"{base}/runs/flow-run/{run['flow_run_id']}"
+            # the run's page opens on its logs: every failure with its reason and its job's task run
+            shown = page_text_with(driver, main_page, reason)
+            assert reason in shown and job.name in shown, shown[-2000:]
+            # one click: the run's Subflow Runs tab lists the chunks, the one holding the failed job Failed
+            click(driver, "Subflow Runs")
+            shown = text_shown(driver, last.name)
+            assert all(chunk.name in shown for chunk in chunks), f"{driver.current_url}: {shown[-2000:]!r}"
+            # two: the chunk; three: its Task Runs tab, which lists the failed job
+            click(driver, last.name)
+            text_shown(driver, "Task Runs")
+            click(driver, "Task Runs")
+            shown = text_shown(driver, job.name)
+            if job.name not in shown:
+                driver.save_screenshot(str(tmp_path / "chunk-task-runs.png"))
+            assert job.name in shown and "Failed" in shown, f"{driver.current_url}: {shown[-2000:]!r}"
     finally:
         driver.quit()
