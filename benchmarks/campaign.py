@@ -9,7 +9,7 @@ server's CPU, the time from the last job's end (on the backend) to the flow run'
 task runs final and matching their rows (and in how many flow runs: ``task_runs_per_run``), the Prefect
 database's growth.
 
-    python benchmarks/campaign.py [--jobs 2000,10000] [--openeo 2000,10000]
+    python benchmarks/campaign.py [--jobs 2000,10000] [--openeo 2000,10000] [--kinds in-process,flow]
 
 Timings on a shared 2-core machine are noisy: compare the ratios.
 """
@@ -181,6 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", default="2000,10000")
     parser.add_argument("--openeo", default="2000,10000", help="sizes to run openeo's manager at ('' for none)")
+    parser.add_argument("--kinds", default="in-process,flow", help="of ours: in-process, flow (comma-separated)")
     args = parser.parse_args()
     import psutil
 
@@ -214,7 +215,7 @@ def main() -> None:
         with SimulatorProcess(2, **SIMULATOR) as sims:
             for jobs in (int(v) for v in args.jobs.split(",")):
                 ideal = math.ceil(jobs / (2 * SLOTS)) * (SIMULATOR["queue_duration"] + SIMULATOR["run_duration"])
-                kinds = ["in-process", "flow"] + (["openeo"] if jobs in openeo_sizes else [])
+                kinds = args.kinds.split(",") + (["openeo"] if jobs in openeo_sizes else [])
                 for kind in kinds:
                     sims.reset()
                     with tempfile.TemporaryDirectory() as workdir:

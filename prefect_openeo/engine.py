@@ -62,6 +62,8 @@ NO_CAP = 1_000_000
 STILL_WAITING_EVERY = 60.0
 
 
+#: Rows claimed for download at once, per download worker: one query of the store per batch, not per download.
+DOWNLOADS_AHEAD = 4
 #: Between sweeps, download outcomes are written at most this often (seconds): see ``_collect_downloads``.
 OUTCOMES_EVERY = 1.0
 
@@ -197,6 +199,8 @@ class JobEngine:
         #: Downloads running (row -> future, and the row as claimed) and those owed in this run (attempts, backoff).
         self._downloading: dict[Any, concurrent.futures.Future] = {}
         self._download_rows: dict[Any, pd.Series] = {}
+        #: Rows claimed for download, not started yet (a stopped run's release lets go of them).
+        self._claimed_downloads: dict[Any, pd.Series] = {}
         #: Downloads that ended, their outcome not written yet (``_collect_downloads``): (patch, row) by row.
         self._download_outcomes: dict[Any, tuple[Patch | None, pd.Series]] = {}
         self._outcomes_written = time.monotonic()
@@ -647,9 +651,13 @@ class JobEngine:
         free = self.download_workers - len(self._downloading)
         if free <= 0:
             return
-        exclude = [*self._downloading, *self._download_outcomes, *waiting]
-        rows = self.store.claim_downloads(free, exclude=exclude, backends=list(self.backends))
-        for index, row in rows.iterrows():
+        if len(self._claimed_downloads) < free:  # claimed ahead: not one query of the store per download
+            exclude = [*self._downloading, *self._download_outcomes, *waiting, *self._claimed_downloads]
+            more = DOWNLOADS_AHEAD * self.download_workers - len(self._claimed_downloads)
+            claimed = self.store.claim_downloads(more, exclude=exclude, backends=list(self.backends))
+            self._claimed_downloads.update(dict(claimed.iterrows()))
+        for index in list(self._claimed_downloads)[:free]:
+            row = self._claimed_downloads.pop(index)
             backend = self.backends[row["backend_name"]]
             download = self._downloads.setdefault(index, _Download())
             download.attempts += 1
