@@ -24,18 +24,33 @@ pytestmark = pytest.mark.timeout(600)
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
-#: The flow run, in its own process with the UI server's environment: two rows whose jobs fail.
+#: The flow run, in its own process with the UI server's environment: rows whose jobs fail (``flow_run``).
 FLOW_RUN = """
 import json, sys
 from conftest import ndvi_job, tiles_df
 from prefect_openeo.flows import run_openeo_jobs
 
-job_db, url, root = sys.argv[1:4]
+job_db, url, root, rows = sys.argv[1:5]
 state = run_openeo_jobs(job_db=job_db, backends={"sim": url}, start_job=ndvi_job, poll_sleep=0.1, root_dir=root,
-                        df=tiles_df(2), return_state=True)
+                        df=tiles_df(int(rows)), return_state=True)
 print(json.dumps({"flow_run_id": str(state.state_details.flow_run_id), "state": state.name,
                   "message": state.message}))
 """
+
+
+def flow_run(env: dict[str, str], sim, tmp_path: Path, rows: int) -> dict:
+    """``FLOW_RUN`` over ``rows`` rows (job database ``tmp_path/jobs.csv``) in a process of its own with
+    ``env``: its flow run's id, state name and message."""
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", FLOW_RUN, str(tmp_path / "jobs.csv"), sim.url, str(tmp_path / "results"), str(rows)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def chromium_driver(profile: Path):
@@ -70,20 +85,8 @@ def chromium_driver(profile: Path):
 
 def page_text_with(driver, url: str, text: str, timeout: float = 120) -> str:
     """Open ``url`` and wait until the page shows ``text`` (the UI loads its data after the page); the text."""
-    from selenium.webdriver.common.by import By
-
     driver.get(url)
-    deadline = time.monotonic() + timeout
-    shown = ""
-    while time.monotonic() < deadline:
-        try:
-            shown = driver.find_element(By.TAG_NAME, "body").text
-        except Exception:  # the page is being rebuilt
-            shown = ""
-        if text in shown:
-            return shown
-        time.sleep(1)
-    return shown
+    return text_shown(driver, text, timeout)
 
 
 def test_a_failed_jobs_reason_shows_on_its_task_run_page_and_everywhere_else(openeo_simulator, tmp_path):
@@ -98,16 +101,7 @@ def test_a_failed_jobs_reason_shows_on_its_task_run_page_and_everywhere_else(ope
     job_db = tmp_path / "jobs.csv"
     try:
         with local_prefect_server(str(tmp_path / "prefect-home"), ui=True) as (api_url, env):
-            env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])}
-            done = subprocess.run(
-                [sys.executable, "-c", FLOW_RUN, str(job_db), openeo_simulator.url, str(tmp_path / "results")],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert done.returncode == 0, done.stderr[-3000:]
-            run = json.loads(done.stdout.strip().splitlines()[-1])
+            run = flow_run(env, openeo_simulator, tmp_path, rows=2)
             assert run["state"] == "Completed" and run["message"] == "2 of 2 rows ended in error"
 
             df = pd.read_csv(job_db)
@@ -139,7 +133,7 @@ def test_a_failed_jobs_reason_shows_on_its_task_run_page_and_everywhere_else(ope
     assert problems["0"]["message"] == reason and problems["0"]["status"] == "error"
 
 
-def text_shown(driver, text: str, timeout: float = 60) -> str:
+def text_shown(driver, text: str, timeout: float = 120) -> str:
     """Wait (without loading the page again) until the page shows ``text``; the page's text."""
     from selenium.webdriver.common.by import By
 
@@ -187,23 +181,9 @@ def test_a_campaign_in_chunks_shows_every_failure_on_the_run_and_its_jobs_in_sub
     driver = chromium_driver(tmp_path / "chromium-profile")
     openeo_simulator.config.failure_rate = 1.0
     job_db = tmp_path / "jobs.csv"
-    flow_run = FLOW_RUN.replace("tiles_df(2)", "tiles_df(5)")
     try:
         with local_prefect_server(str(tmp_path / "prefect-home"), ui=True) as (api_url, env):
-            env = {
-                **env,
-                "PREFECT_OPENEO_TASK_RUNS_PER_RUN": "2",
-                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")]),
-            }
-            done = subprocess.run(
-                [sys.executable, "-c", flow_run, str(job_db), openeo_simulator.url, str(tmp_path / "results")],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert done.returncode == 0, done.stderr[-3000:]
-            run = json.loads(done.stdout.strip().splitlines()[-1])
+            run = flow_run({**env, "PREFECT_OPENEO_TASK_RUNS_PER_RUN": "2"}, openeo_simulator, tmp_path, rows=5)
             df = pd.read_csv(job_db)
             assert list(df["status"]) == ["error"] * 5
             with SyncPrefectClient(api_url) as client:
