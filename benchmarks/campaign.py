@@ -79,7 +79,6 @@ def one_run(kind: str, jobs: int, urls: list[str], workdir: str, job_db: str, ap
         os.environ["PREFECT_API_URL"] = api_url
     df = pd.DataFrame({"tile": range(jobs)})
     flow_run_id = None
-    cpu, wall = time.process_time(), time.perf_counter()
     if kind == "flow":
         from prefect_openeo.flows import run_openeo_jobs
 
