@@ -3,8 +3,9 @@
 Prefect's UI refuses to draw the graph of a flow run of more than 10,000 nodes. The first
 ``settings.task_runs_per_run`` jobs' task runs belong to the flow run itself (a run of that size or less
 looks as it always did); each further block of as many jobs gets a subflow run of its own (named after the
-run, ``…-jobs-5001-10000``), whose node in the run's graph leads to them: any job is one or two clicks from
-the run the user started. Jobs count in the order the run first reported them (the order it started them).
+run, ``…-jobs-5001-10000``), a node of the run's graph and a row of its Subflow Runs tab, that lists them.
+The run keeps the failures' log lines and the artifacts, which cover all its jobs. Jobs count in the order
+the run first reported them (the order it started them).
 
 A chunk's subflow run is made (a placeholder task run in the parent, as Prefect makes one for a subflow, and
 the subflow run under it) before the first state of its first job is sent: the server files task runs under
