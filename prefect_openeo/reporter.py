@@ -360,9 +360,7 @@ class Reporter:
                         self._send_states(client, batch)
                     else:
                         if client is None:
-                            fresh = self._client_factory()
-                            fresh.__enter__()
-                            client = fresh
+                            client = self._open_client()
                         self._send_rest(client, batch)
                     backoff = 0.0
                 except Exception as e:  # the API is slow or down: keep what is left, try again later
@@ -420,11 +418,15 @@ class Reporter:
             events.pop(0)
             self.sent["events"] += 1
 
+    def _open_client(self) -> Any:
+        """A REST client of the caller's API, entered (the caller exits it)."""
+        client = self._client_factory()
+        client.__enter__()
+        return client
+
     def _rest_for_chunks(self) -> Any:
         if self._chunk_client is None:
-            client = self._client_factory()
-            client.__enter__()
-            self._chunk_client = client
+            self._chunk_client = self._open_client()
         return self._chunk_client
 
     def _finish_chunks(self) -> None:
